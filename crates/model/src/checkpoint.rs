@@ -1,0 +1,237 @@
+//! Opening checkpoints: a GGUF file, or a Hugging Face folder (`config.json`,
+//! `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`). Both are exposed as a candle
+//! `VarBuilder` under the Hugging Face tensor names, so the layers load the same way.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::config::{Architecture, Config};
+use crate::{Error, Result};
+
+/// What a checkpoint path turned out to be.
+pub enum Checkpoint {
+    Gguf { path: PathBuf, content: gguf_file::Content },
+    HfFolder { dir: PathBuf, config: Config },
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::NotFound(path.to_path_buf()));
+        }
+        if path.is_dir() {
+            let cfg_path = path.join("config.json");
+            let json = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io { path: cfg_path, source })?;
+            return Ok(Self::HfFolder { dir: path.to_path_buf(), config: Config::from_hf_json(&json)? });
+        }
+        let file = File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::checkpoint(path, e))?;
+        let file_len = reader.seek(std::io::SeekFrom::End(0)).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        // Refuse a truncated file up front rather than at the first missing tensor.
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count() as u64;
+            let bytes = elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
+            if content.tensor_data_offset + info.offset + bytes > file_len {
+                return Err(Error::checkpoint(path, format!("truncated: tensor {name} ends past the end of the file")));
+            }
+        }
+        Ok(Self::Gguf { path: path.to_path_buf(), content })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        match self {
+            Self::HfFolder { config, .. } => Ok(config.clone()),
+            Self::Gguf { path, content } => gguf_config(path, content),
+        }
+    }
+
+    /// A short model id: the file or folder name.
+    pub fn name(&self) -> String {
+        let p = match self {
+            Self::Gguf { path, .. } => path,
+            Self::HfFolder { dir, .. } => dir,
+        };
+        p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Tensors as f32 under Hugging Face names (quantized GGUF tensors are dequantized).
+    pub fn var_builder(&self) -> Result<VarBuilder<'static>> {
+        match self {
+            Self::HfFolder { dir, .. } => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .map_err(|source| Error::Io { path: dir.clone(), source })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(Error::checkpoint(dir, "no *.safetensors files"));
+                }
+                // SAFETY: the files are mapped read-only; we do not mutate them while loaded.
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }
+                    .map_err(|e| Error::checkpoint(dir, e))?;
+                Ok(vb)
+            }
+            Self::Gguf { path, content } => {
+                let file = File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+                let backend = GgufBackend {
+                    path: path.clone(),
+                    infos: content
+                        .tensor_infos
+                        .iter()
+                        .map(|(k, i)| {
+                            let info = gguf_file::TensorInfo { ggml_dtype: i.ggml_dtype, shape: i.shape.clone(), offset: i.offset };
+                            (k.clone(), info)
+                        })
+                        .collect(),
+                    data_offset: content.tensor_data_offset,
+                    reader: Mutex::new(BufReader::new(file)),
+                };
+                Ok(VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu))
+            }
+        }
+    }
+}
+
+fn meta<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    content.metadata.get(key).ok_or_else(|| Error::checkpoint(path, format!("missing metadata {key}")))
+}
+
+fn meta_u32(path: &Path, content: &gguf_file::Content, key: &str) -> Result<usize> {
+    meta(path, content, key)?.to_u32().map(|v| v as usize).map_err(|e| Error::checkpoint(path, format!("{key}: {e}")))
+}
+
+fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<Config> {
+    let arch_name = meta(path, content, "general.architecture")?
+        .to_string()
+        .map_err(|e| Error::checkpoint(path, e))?
+        .clone();
+    let architecture = Architecture::parse(&arch_name)?;
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let hidden_size = meta_u32(path, content, &key("embedding_length"))?;
+    let heads = meta_u32(path, content, &key("attention.head_count"))?;
+    let kv_heads = meta_u32(path, content, &key("attention.head_count_kv")).unwrap_or(heads);
+    let head_dim = meta_u32(path, content, &key("attention.key_length")).unwrap_or(hidden_size / heads.max(1));
+    let eps = meta(path, content, &key("attention.layer_norm_rms_epsilon"))?
+        .to_f32()
+        .map_err(|e| Error::checkpoint(path, e))? as f64;
+    let rope_theta = content
+        .metadata
+        .get(&key("rope.freq_base"))
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(10_000.0);
+    if content.metadata.contains_key(&key("rope.scaling.type")) || content.metadata.contains_key(&key("attention.sliding_window")) {
+        return Err(Error::Unsupported("RoPE scaling or sliding window in GGUF metadata".into()));
+    }
+    let vocab_size = match content.metadata.get("tokenizer.ggml.tokens") {
+        Some(v) => v.to_vec().map_err(|e| Error::checkpoint(path, e))?.len(),
+        None => meta_u32(path, content, &key("vocab_size"))?,
+    };
+    let cfg = Config {
+        architecture,
+        hidden_size,
+        intermediate_size: meta_u32(path, content, &key("feed_forward_length"))?,
+        num_hidden_layers: meta_u32(path, content, &key("block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        vocab_size,
+        rms_norm_eps: eps,
+        rope_theta,
+        rope_scaling: None,
+        // llama.cpp's converter permutes Llama q/k rows for interleaved pairs; Qwen2 keeps halves.
+        rope_interleaved: architecture != Architecture::Qwen2,
+        max_position_embeddings: meta_u32(path, content, &key("context_length"))?,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Maps a Hugging Face tensor name to llama.cpp's GGUF name.
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let (module, suffix) = name.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Reads GGUF tensors on demand, dequantized to the requested dtype.
+struct GgufBackend {
+    path: PathBuf,
+    infos: HashMap<String, gguf_file::TensorInfo>,
+    data_offset: u64,
+    reader: Mutex<BufReader<File>>,
+}
+
+impl GgufBackend {
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let gname = gguf_name(name).unwrap_or_else(|| name.to_string());
+        let info = self
+            .infos
+            .get(&gname)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: tensor {gname} not found", self.path.display())))?;
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        info.read(&mut *reader, self.data_offset, dev)?.dequantize(dev)?.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for GgufBackend {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("{}: tensor {name} has shape {:?}, expected {s:?}", self.path.display(), t.shape());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.infos.contains_key(&gguf_name(name).unwrap_or_else(|| name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_hf_names_to_gguf() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
+        assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias").as_deref(), Some("blk.0.attn_k.bias"));
+        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
+        assert_eq!(gguf_name("model.layers.1.unknown.weight"), None);
+    }
+}

@@ -1,0 +1,236 @@
+//! Model hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata.
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Architectures whose decoder layer our forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM2 and other Llama-family checkpoints.
+    Llama,
+    /// Mistral without sliding-window attention (a Llama layer).
+    Mistral,
+    /// Qwen2: a Llama layer with biases on q, k and v.
+    Qwen2,
+}
+
+impl Architecture {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama" | "llamaforcausallm" | "smollm" => Ok(Self::Llama),
+            "mistral" | "mistralforcausallm" => Ok(Self::Mistral),
+            "qwen2" | "qwen2forcausallm" => Ok(Self::Qwen2),
+            _ => Err(Error::UnsupportedArchitecture(name.to_string())),
+        }
+    }
+}
+
+/// Llama 3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The hyper-parameters the forward pass needs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// GGUF Llama checkpoints store q/k rows permuted for interleaved RoPE pairs (2i, 2i+1);
+    /// Hugging Face checkpoints pair i with i + d/2.
+    pub rope_interleaved: bool,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+}
+
+/// The subset of a Hugging Face `config.json` that we read.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<serde_json::Value>,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    attention_bias: Option<bool>,
+    sliding_window: Option<serde_json::Value>,
+    use_sliding_window: Option<bool>,
+}
+
+impl Config {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf_json(json: &str) -> Result<Self> {
+        let hf: HfConfig = serde_json::from_str(json)
+            .map_err(|e| Error::Unsupported(format!("config.json: {e}")))?;
+        let arch_name = hf
+            .model_type
+            .clone()
+            .or_else(|| hf.architectures.first().cloned())
+            .unwrap_or_default();
+        let architecture = Architecture::parse(&arch_name)?;
+        // Mistral's sliding window only matters past the window; refuse to silently ignore it.
+        let sliding = match architecture {
+            Architecture::Mistral => hf.sliding_window.as_ref().is_some_and(|w| !w.is_null()),
+            Architecture::Qwen2 => hf.use_sliding_window.unwrap_or(false),
+            Architecture::Llama => false,
+        };
+        if sliding {
+            return Err(Error::Unsupported("sliding-window attention".into()));
+        }
+        let rope_scaling = match &hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(parse_rope_scaling(v)?),
+        };
+        let cfg = Config {
+            architecture,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            vocab_size: hf.vocab_size,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            rope_interleaved: false,
+            max_position_embeddings: hf.max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            attention_bias: hf.attention_bias.unwrap_or(architecture == Architecture::Qwen2),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the invariants the kernels rely on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Unsupported(what.to_string()));
+        if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return bad("empty model dimensions");
+        }
+        if self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return bad("attention heads not a multiple of key/value heads");
+        }
+        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+            return bad("odd head dimension");
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Inverse RoPE frequencies for the pairs of one head, Llama 3 scaling applied.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let f = 1.0 / self.rope_theta.powf(2.0 * i as f32 / d as f32);
+                match &self.rope_scaling {
+                    None => f,
+                    Some(s) => llama3_scale(f, s),
+                }
+            })
+            .collect()
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    if kind != "llama3" {
+        return Err(Error::Unsupported(format!("rope_scaling type {kind:?} (only llama3)")));
+    }
+    serde_json::from_value(v.clone()).map_err(|e| Error::Unsupported(format!("rope_scaling: {e}")))
+}
+
+fn llama3_scale(freq: f32, s: &Llama3RopeScaling) -> f32 {
+    let old = s.original_max_position_embeddings as f32;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f32::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_smollm2_config() -> anyhow::Result<()> {
+        let cfg = Config::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":576,
+            "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+            "num_key_value_heads":3,"vocab_size":49152,"rms_norm_eps":1e-5,"rope_theta":100000,
+            "max_position_embeddings":8192,"tie_word_embeddings":true,"rope_scaling":null}"#,
+        )?;
+        assert_eq!(cfg.architecture, Architecture::Llama);
+        assert_eq!(cfg.head_dim, 64);
+        assert_eq!(cfg.kv_dim(), 192);
+        assert!(!cfg.rope_interleaved);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_unknown_architecture() {
+        let err = Config::from_hf_json(
+            r#"{"model_type":"gpt_neox","hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"vocab_size":8,"rms_norm_eps":1e-5,"max_position_embeddings":8}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("gpt_neox"), "{err}");
+    }
+
+    #[test]
+    fn refuses_mistral_sliding_window() {
+        let err = Config::from_hf_json(
+            r#"{"model_type":"mistral","hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"vocab_size":8,"rms_norm_eps":1e-5,"max_position_embeddings":8,
+            "sliding_window":4096}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sliding"), "{err}");
+    }
+}

@@ -1,0 +1,38 @@
+use std::path::PathBuf;
+
+/// Errors of checkpoint loading, tokenization and the forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("model file not found: {0}")]
+    NotFound(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid checkpoint {path}: {reason}")]
+    InvalidCheckpoint { path: PathBuf, reason: String },
+    #[error("unsupported architecture {0:?}: supported are llama (Llama 2/3, SmolLM2), mistral (no sliding window) and qwen2")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported model setting: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("prompt has {tokens} tokens, the model's context holds {max}")]
+    ContextOverflow { tokens: usize, max: usize },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+        Error::InvalidCheckpoint { path: path.into(), reason: reason.to_string() }
+    }
+}

@@ -1,0 +1,56 @@
+//! CPU kernels for the forward pass. Hot loops are compiled twice, once for AVX2+FMA and once
+//! for the baseline target, and picked at run time, so a built binary runs on any x86-64.
+
+pub mod attention;
+pub mod linear;
+pub mod math;
+pub mod q8;
+pub mod rope;
+
+/// True when the CPU has AVX2 and FMA (checked once).
+#[inline]
+pub fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Compiles `$body` (an expression using the function's arguments) as a baseline function and,
+/// on x86-64, as an AVX2+FMA one, dispatching at run time. The body must be `#[inline(always)]`
+/// code so that it is re-optimised for each target.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) -> $ret {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::kernels::avx2_fma() {
+                // SAFETY: the CPU supports the features `avx2` was compiled for.
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// A raw pointer that may cross threads; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}

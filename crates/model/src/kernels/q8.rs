@@ -1,0 +1,162 @@
+//! Q8_0 weights (blocks of 32 int8 with one f32 scale, as in ggml) and their matrix-vector
+//! product with f32 activations. Used for decode, where reading f32 weights would bound the
+//! step by memory bandwidth: int8 reads about 3.8x fewer bytes.
+
+use rayon::prelude::*;
+
+use super::{multiversion, SendPtr};
+
+pub const BLOCK: usize = 32;
+
+/// A row-major `[rows][cols]` matrix in Q8_0; `cols` is a multiple of 32.
+#[derive(Debug, Clone)]
+pub struct Q8Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+/// Quantizes one block of 32 values to int8 with a shared scale.
+#[inline(always)]
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round() as i8;
+    }
+    d
+}
+
+/// Quantizes `x` (length a multiple of 32) into `q` and per-block `scales`.
+fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
+    for ((xb, qb), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+        *s = quantize_block(xb, qb);
+    }
+}
+
+impl Q8Matrix {
+    /// Quantizes a row-major f32 matrix; None when `cols` is not a multiple of the block.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if cols % BLOCK != 0 || w.len() != rows * cols {
+            return None;
+        }
+        let mut quants = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows * cols / BLOCK];
+        quants
+            .par_chunks_mut(cols)
+            .zip(scales.par_chunks_mut(cols / BLOCK))
+            .zip(w.par_chunks(cols))
+            .for_each(|((q, s), row)| quantize_row(row, q, s));
+        Some(Self { rows, cols, quants, scales })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * 4
+    }
+
+    /// `y = W x` for one f32 activation row, `y` of length `rows`. Activations stay f32
+    /// (weight-only quantization): 8-bit activations flip close top tokens of small models.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        let nb = self.cols / BLOCK;
+        // Enough chunks for rayon to balance, large enough to amortise the fork.
+        let chunk = (self.rows / (4 * rayon::current_num_threads())).max(64);
+        let out = SendPtr(y.as_mut_ptr());
+        (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(self.rows);
+            let out = out;
+            for r in r0..r1 {
+                let q = &self.quants[r * self.cols..(r + 1) * self.cols];
+                let s = &self.scales[r * nb..(r + 1) * nb];
+                // SAFETY: rows r0..r1 belong to this task alone.
+                unsafe { *out.0.add(r) = dot_q8_f32(q, s, x) };
+            }
+        });
+    }
+}
+
+/// Sum over blocks of (int8 weights . f32 activations) * block scale.
+#[inline]
+fn dot_q8_f32(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2_fma() {
+        // SAFETY: AVX2 and FMA are present.
+        return unsafe { dot_q8_f32_avx2(wq, ws, x) };
+    }
+    dot_q8_f32_generic(wq, ws, x)
+}
+
+multiversion! {
+    fn dot_q8_f32_generic(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+        let mut sum = 0f32;
+        for (b, (w, x)) in wq.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).enumerate() {
+            let mut acc = [0f32; 8];
+            for i in 0..BLOCK {
+                acc[i % 8] += w[i] as f32 * x[i];
+            }
+            sum += acc.iter().sum::<f32>() * ws[b];
+        }
+        sum
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8_f32_avx2(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut total = _mm256_setzero_ps();
+    for b in 0..ws.len() {
+        let w = wq.as_ptr().add(b * BLOCK);
+        let xb = x.as_ptr().add(b * BLOCK);
+        let mut acc = _mm256_setzero_ps();
+        for j in 0..4 {
+            let w8 = _mm_loadl_epi64(w.add(8 * j) as *const __m128i);
+            let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
+            acc = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xb.add(8 * j)), acc);
+        }
+        total = _mm256_fmadd_ps(acc, _mm256_set1_ps(*ws.get_unchecked(b)), total);
+    }
+    let hi = _mm256_extractf128_ps(total, 1);
+    let lo = _mm256_castps256_ps128(total);
+    let s = _mm_add_ps(hi, lo);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_matches_dequantized_weights() {
+        let (rows, cols) = (70, 96);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+        let m = Q8Matrix::quantize(&w, rows, cols).expect("multiple of 32");
+        let mut y = vec![0f32; rows];
+        m.matvec(&x, &mut y);
+        for r in 0..rows {
+            let deq = |c: usize| m.quants[r * cols + c] as f32 * m.scales[r * cols / BLOCK + c / BLOCK];
+            let exact: f32 = (0..cols).map(|c| deq(c) * x[c]).sum();
+            assert!((y[r] - exact).abs() < 1e-4 * (1.0 + exact.abs()), "row {r}: {} vs {exact}", y[r]);
+            // Requantization moves each weight by at most half a step (amax / 254).
+            let f32_dot: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
+            let bound: f32 = (0..cols).map(|c| x[c].abs() / 254.0).sum();
+            assert!((y[r] - f32_dot).abs() <= bound + 1e-4);
+            assert_eq!(
+                dot_q8_f32(&m.quants[r * cols..][..cols], &m.scales[r * 3..][..3], &x).to_bits(),
+                y[r].to_bits()
+            );
+            let generic = dot_q8_f32_generic(&m.quants[r * cols..][..cols], &m.scales[r * 3..][..3], &x);
+            assert!((generic - y[r]).abs() < 1e-4 * (1.0 + exact.abs()));
+        }
+    }
+
+    #[test]
+    fn refuses_ragged_columns() {
+        assert!(Q8Matrix::quantize(&[0.0; 40], 1, 40).is_none());
+    }
+}

@@ -1,0 +1,334 @@
+//! Our Llama-family decoder. Every layer runs over an explicit list of token positions
+//! (RoPE at the original positions) against a per-layer KV store, so that a caller can run a
+//! layer on any subset of tokens and read the last query's attention scores: what LazyLLM
+//! (arXiv 2407.14057) needs. Per-sequence state lives in [`KvCache`], outside the weights.
+
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use crate::config::Config;
+use crate::kernels::attention::{causal_attention, query_scores, AttnShape, Rows};
+use crate::kernels::linear::Linear;
+use crate::kernels::math::{add_assign, rms_norm, silu_mul};
+use crate::kernels::rope::Rope;
+use crate::{Error, Result};
+
+/// Rows at or above this count run element-wise work on all threads.
+const PAR_ROWS: usize = 32;
+
+/// How the weights are held in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// f32 for every product (the reference numerics).
+    #[default]
+    F32,
+    /// f32 for prompts, plus a Q8_0 copy used for decode steps (few rows), which reads
+    /// about 4x fewer bytes per token.
+    Q8Decode,
+}
+
+fn load_linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
+    let b = if bias { Some(vb.get(out, "bias")?.to_vec1::<f32>()?) } else { None };
+    Ok(Linear::new(w, b, out, inp))
+}
+
+fn load_vec(vb: &VarBuilder, n: usize, name: &str) -> Result<Vec<f32>> {
+    Ok(vb.get(n, name)?.to_vec1::<f32>()?)
+}
+
+/// Keys and values of one layer for the tokens that have them, in arrival order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerKv {
+    /// Original position of each row.
+    pub positions: Vec<u32>,
+    /// `[row][kv_heads * head_dim]`, RoPE applied.
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl LayerKv {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        4 * (self.positions.len() + self.k.len() + self.v.len())
+    }
+}
+
+/// Per-sequence attention state: one [`LayerKv`] per layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config) -> Self {
+        Self { layers: vec![LayerKv::default(); cfg.num_hidden_layers] }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::bytes).sum()
+    }
+}
+
+/// Self-attention with fused q/k/v projections.
+pub struct Attention {
+    qkv: Linear,
+    o: Linear,
+}
+
+impl Attention {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, b) = (cfg.hidden_size, cfg.attention_bias);
+        let qkv = Linear::concat(vec![
+            load_linear(&vb.pp("q_proj"), cfg.q_dim(), h, b)?,
+            load_linear(&vb.pp("k_proj"), cfg.kv_dim(), h, b)?,
+            load_linear(&vb.pp("v_proj"), cfg.kv_dim(), h, b)?,
+        ]);
+        let o = load_linear(&vb.pp("o_proj"), h, cfg.q_dim(), false)?;
+        Ok(Self { qkv, o })
+    }
+}
+
+/// SwiGLU feed-forward with fused gate/up projections.
+pub struct Mlp {
+    gate_up: Linear,
+    down: Linear,
+    inter: usize,
+}
+
+impl Mlp {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_up = Linear::concat(vec![
+            load_linear(&vb.pp("gate_proj"), i, h, false)?,
+            load_linear(&vb.pp("up_proj"), i, h, false)?,
+        ]);
+        Ok(Self { gate_up, down: load_linear(&vb.pp("down_proj"), h, i, false)?, inter: i })
+    }
+
+    /// `x += down(silu(gate(h)) * up(h))` with `h = norm(x)`.
+    fn forward(&self, h: &[f32], n: usize, x: &mut [f32]) {
+        let gu = self.gate_up.forward(h, n);
+        let i = self.inter;
+        let mut act = vec![0f32; n * i];
+        let silu = |(a, g): (&mut [f32], &[f32])| silu_mul(&g[..i], &g[i..], a);
+        if n >= PAR_ROWS {
+            act.par_chunks_mut(i).zip(gu.par_chunks(2 * i)).for_each(silu);
+        } else {
+            act.chunks_mut(i).zip(gu.chunks(2 * i)).for_each(silu);
+        }
+        let y = self.down.forward(&act, n);
+        add_assign(x, &y);
+    }
+}
+
+/// One pre-norm decoder layer.
+pub struct DecoderLayer {
+    input_layernorm: Vec<f32>,
+    self_attn: Attention,
+    post_attention_layernorm: Vec<f32>,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: load_vec(&vb.pp("input_layernorm"), cfg.hidden_size, "weight")?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: load_vec(&vb.pp("post_attention_layernorm"), cfg.hidden_size, "weight")?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+}
+
+/// The weights of a Llama-family decoder and its forward pass over token sets.
+pub struct Model {
+    cfg: Config,
+    /// None when the embeddings are tied to the output head.
+    embed_tokens: Option<Vec<f32>>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    rope: Rope,
+    format: WeightFormat,
+}
+
+impl Model {
+    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let m = vb.pp("model");
+        let embed = load_linear(&m.pp("embed_tokens"), v, h, false)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = load_vec(&m.pp("norm"), h, "weight")?;
+        let tied = cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight");
+        let (embed_tokens, lm_head) = if tied {
+            (None, embed)
+        } else {
+            (Some(embed.weight().to_vec()), load_linear(&vb.pp("lm_head"), v, h, false)?)
+        };
+        let rope = Rope::new(&cfg.rope_inv_freq(), cfg.max_position_embeddings, cfg.rope_interleaved);
+        let mut model = Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope, format };
+        if format == WeightFormat::Q8Decode {
+            model.lm_head.quantize_q8();
+            for l in &mut model.layers {
+                l.self_attn.qkv.quantize_q8();
+                l.self_attn.o.quantize_q8();
+                l.mlp.gate_up.quantize_q8();
+                l.mlp.down.quantize_q8();
+            }
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &DecoderLayer| {
+            l.self_attn.qkv.bytes() + l.self_attn.o.bytes() + l.mlp.gate_up.bytes() + l.mlp.down.bytes()
+        };
+        self.layers.iter().map(lin).sum::<usize>()
+            + self.lm_head.bytes()
+            + 4 * self.embed_tokens.as_ref().map_or(0, Vec::len)
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Embedding rows for `tokens`, `[n][hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let table = self.embed_tokens.as_deref().unwrap_or(self.lm_head.weight());
+        let mut x = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.cfg.vocab_size {
+                return Err(Error::InvalidInput(format!("token id {t} outside the vocabulary of {}", self.cfg.vocab_size)));
+            }
+            x.extend_from_slice(&table[t * h..(t + 1) * h]);
+        }
+        Ok(x)
+    }
+
+    fn norm_rows(&self, x: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut y = vec![0f32; n * h];
+        let f = |(yr, xr): (&mut [f32], &[f32])| rms_norm(xr, w, eps, yr);
+        if n >= PAR_ROWS {
+            y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(f);
+        } else {
+            y.chunks_mut(h).zip(x.chunks(h)).for_each(f);
+        }
+        y
+    }
+
+    /// Runs layer `l` over the tokens whose hidden states are the rows of `x` (updated in
+    /// place) at original `positions`. Their keys and values are appended to `kv`, and each
+    /// attends to every row of `kv` at a position not after its own.
+    ///
+    /// With `score_last`, also returns the LazyLLM importance of every row of `kv` (after
+    /// the append): the last row's query attention probabilities, averaged over heads.
+    pub fn layer_forward(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        positions: &[u32],
+        kv: &mut LayerKv,
+        score_last: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let n = positions.len();
+        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        if x.len() != n * h {
+            return Err(Error::InvalidInput(format!("{} hidden values for {n} positions", x.len())));
+        }
+        let layer = &self.layers[l];
+        let normed = self.norm_rows(x, &layer.input_layernorm, n);
+        let stride = qd + 2 * kvd;
+        let mut qkv = layer.self_attn.qkv.forward(&normed, n);
+        self.rope.apply(&mut qkv, stride, cfg.num_attention_heads, positions)?;
+        self.rope.apply(&mut qkv[qd..], stride, cfg.num_key_value_heads, positions)?;
+
+        kv.positions.extend_from_slice(positions);
+        kv.k.reserve(n * kvd);
+        kv.v.reserve(n * kvd);
+        for row in qkv.chunks_exact(stride) {
+            kv.k.extend_from_slice(&row[qd..qd + kvd]);
+            kv.v.extend_from_slice(&row[qd + kvd..]);
+        }
+
+        let mut attn = vec![0f32; n * qd];
+        let shape = self.attn_shape();
+        causal_attention(
+            shape,
+            Rows { data: &qkv, stride },
+            positions,
+            Rows { data: &kv.k, stride: kvd },
+            Rows { data: &kv.v, stride: kvd },
+            &kv.positions,
+            &mut attn,
+        );
+        let scores = score_last.then(|| {
+            let last = &qkv[(n - 1) * stride..(n - 1) * stride + qd];
+            query_scores(shape, last, positions[n - 1], Rows { data: &kv.k, stride: kvd }, &kv.positions)
+        });
+
+        let o = layer.self_attn.o.forward(&attn, n);
+        add_assign(x, &o);
+        let normed = self.norm_rows(x, &layer.post_attention_layernorm, n);
+        layer.mlp.forward(&normed, n, x);
+        Ok(scores)
+    }
+
+    /// Logits for one hidden row (final norm, then the output head).
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let normed = self.norm_rows(hidden, &self.norm, 1);
+        self.lm_head.forward(&normed, 1)
+    }
+
+    /// Dense forward of `tokens` appended after the `cache`'s tokens (positions continue from
+    /// layer 0's count); returns the logits of the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("no tokens to run".into()));
+        }
+        let start = cache.layers.first().map_or(0, LayerKv::len);
+        let max = self.cfg.max_position_embeddings;
+        if start + tokens.len() > max {
+            return Err(Error::ContextOverflow { tokens: start + tokens.len(), max });
+        }
+        let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
+        let mut x = self.embed(tokens)?;
+        for (l, kv) in cache.layers.iter_mut().enumerate() {
+            self.layer_forward(l, &mut x, &positions, kv, false)?;
+        }
+        let h = self.cfg.hidden_size;
+        Ok(self.logits(&x[(tokens.len() - 1) * h..]))
+    }
+}

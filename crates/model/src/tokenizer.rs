@@ -1,0 +1,209 @@
+//! Tokenizer and chat template, from `tokenizer.json` + `tokenizer_config.json` or from GGUF
+//! metadata (gpt2-style byte-level BPE: `tokenizer.ggml.tokens` and `merges`).
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::{Error, Result};
+
+/// One chat message, as chat templates expect it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Text <-> token ids, special tokens and the chat template of one model.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<(u32, String)>,
+    add_bos: bool,
+    eos: Vec<u32>,
+    eos_text: String,
+    chat_template: Option<String>,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+// Pre-tokenizer regexes of llama.cpp's `tokenizer.ggml.pre` names that we support.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl Tokenizer {
+    /// Builds the tokenizer described by GGUF metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = |k: &str| content.metadata.get(k);
+        let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model {model:?} is not supported (only gpt2-style BPE); use the Hugging Face checkpoint folder with tokenizer.json"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            md(k)
+                .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks {k}")))?
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|v| v.to_string().cloned().map_err(tok_err))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match md("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec().map_err(tok_err)?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
+        let pre = md("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+        let byte_level = ByteLevel::new(false, true, true);
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(tok_err)?
+                .into())
+        };
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "default" | "gpt-2" | "gpt2" => byte_level.into(),
+            "llama3" | "llama-bpe" | "smaug-bpe" => {
+                Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]).into()
+            }
+            "qwen2" => Sequence::new(vec![split(QWEN2_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
+            other => return Err(Error::Tokenizer(format!("GGUF pre-tokenizer {other:?} is not supported"))),
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+
+        let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
+        let bos = id("tokenizer.ggml.bos_token_id").map(|i| (i, tokens.get(i as usize).cloned().unwrap_or_default()));
+        let add_bos = md("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| id(k)).collect();
+        let eos_text = eos.first().and_then(|&i| tokens.get(i as usize)).cloned().unwrap_or_default();
+        let chat_template = md("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        Ok(Self { inner, bos, add_bos, eos, eos_text, chat_template })
+    }
+
+    /// Loads `tokenizer.json`, `tokenizer_config.json` and the eos ids of `config.json` /
+    /// `generation_config.json` from a Hugging Face folder.
+    pub fn from_hf_folder(dir: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+        let read_json = |name: &str| -> serde_json::Value {
+            std::fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let tc = read_json("tokenizer_config.json");
+        let token_text = |v: &serde_json::Value| -> Option<String> {
+            v.as_str().map(str::to_string).or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+        };
+        let bos_text = token_text(&tc["bos_token"]);
+        let eos_text = token_text(&tc["eos_token"]).unwrap_or_default();
+        let bos = bos_text.and_then(|t| inner.token_to_id(&t).map(|i| (i, t)));
+        let add_bos = tc["add_bos_token"].as_bool().unwrap_or(false);
+        let chat_template = match &tc["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let mut eos: Vec<u32> = inner.token_to_id(&eos_text).into_iter().collect();
+        for cfg in [read_json("generation_config.json"), read_json("config.json")] {
+            match &cfg["eos_token_id"] {
+                serde_json::Value::Number(n) => eos.extend(n.as_u64().map(|v| v as u32)),
+                serde_json::Value::Array(a) => eos.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+                _ => {}
+            }
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Self { inner, bos, add_bos, eos, eos_text, chat_template })
+    }
+
+    /// Encodes text. Special-token text (`<|im_start|>`) maps to its id; a BOS is prepended
+    /// when the model asks for one and the text does not start with it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = enc.get_ids().to_vec();
+        if let (true, Some((bos, _))) = (self.add_bos, &self.bos) {
+            if ids.first() != Some(bos) {
+                ids.insert(0, *bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders the chat template (with the generation prompt appended).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::ChatTemplate("the model has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            eos_token => self.eos_text.clone(),
+        })
+        .map_err(|e| Error::ChatTemplate(e.to_string()))
+    }
+}

@@ -1,0 +1,138 @@
+//! The model crate on the real SmolLM2-135M-Instruct file: tokenizer, chat template, our
+//! dense forward against candle-transformers' reference, incremental decoding, bad input.
+
+use std::io::Write;
+
+use anyhow::Result;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use lazyserve_engine::{generate, GenerateRequest, SamplingParams};
+use lazyserve_model::{load, ChatMessage, KvCache, LoadedModel, WeightFormat};
+use lazyserve_tests::model_path;
+
+fn smollm() -> Result<LoadedModel> {
+    Ok(load(&model_path(), WeightFormat::F32)?)
+}
+
+fn chat(m: &LoadedModel, question: &str) -> Result<Vec<u32>> {
+    let text = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: question.into() }])?;
+    Ok(m.tokenizer.encode(&text)?)
+}
+
+#[test]
+fn tokenizer_matches_smollm2() -> Result<()> {
+    let m = smollm()?;
+    assert_eq!(m.tokenizer.encode("Hello")?, vec![19556]);
+    let ids = chat(&m, "Hi")?;
+    assert_eq!(&ids[..3], &[1, 9690, 198], "chat prompt starts with <|im_start|>system\\n");
+    for s in ["héllo wörld, naïve café", "digits 1234567 and 3.14159", "line one\nline two\n\n  indented\ttab", "    fn main() {\n        println!(\"hi\");\n    }"] {
+        assert_eq!(m.tokenizer.decode(&m.tokenizer.encode(s)?)?, s);
+    }
+    Ok(())
+}
+
+#[test]
+fn answers_paris() -> Result<()> {
+    let m = smollm()?;
+    let req = GenerateRequest {
+        prompt_ids: chat(&m, "What is the capital of France?")?,
+        max_tokens: 24,
+        stop: vec![],
+        sampling: SamplingParams::default(),
+    };
+    let out = generate(&m.model, &m.tokenizer, &req, |_| true)?;
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    Ok(())
+}
+
+/// Writes the GGUF with every tensor dequantized to f32, so that candle's reference model
+/// computes in f32 as ours does.
+fn f32_gguf(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let src = model_path();
+    let mut reader = std::fs::File::open(&src)?;
+    let content = gguf_file::Content::read(&mut reader)?;
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        tensors.push((name.clone(), QTensor::quantize(&t, GgmlDType::F32)?));
+    }
+    let out = dir.join("smollm2-f32.gguf");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&out)?);
+    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut w, &metadata, &tensors)?;
+    w.flush()?;
+    Ok(out)
+}
+
+#[test]
+fn dense_forward_matches_candle_reference() -> Result<()> {
+    let m = smollm()?;
+    let dir = std::env::temp_dir().join(format!("lazyserve-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = f32_gguf(&dir)?;
+    let mut reader = std::fs::File::open(&path)?;
+    let content = gguf_file::Content::read(&mut reader)?;
+    let mut reference = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+    std::fs::remove_dir_all(&dir)?;
+
+    let text = "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting \
+        the one hundred and twelve steps as his father had before him. From the lamp room he could \
+        see the whole bay: the fishing boats returning, the gulls settling on the breakwater, and \
+        the long grey line of the horizon where the weather came from.";
+    let prompt: Vec<u32> = m.tokenizer.encode(text)?.into_iter().take(64).collect();
+    assert_eq!(prompt.len(), 64);
+
+    let mut cache = KvCache::new(m.model.config());
+    let ours = m.model.forward(&prompt, &mut cache)?;
+    let theirs = reference.forward(&Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
+    let theirs: Vec<f32> = theirs.flatten_all()?.to_vec1()?;
+    let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-3, "last-position logits differ by {max_diff}");
+
+    // 32 greedy tokens, each side with its own KV cache.
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap();
+    let (mut a, mut b) = (argmax(&ours), argmax(&theirs));
+    let (mut ours_tokens, mut theirs_tokens) = (vec![a], vec![b]);
+    for step in 0..31 {
+        let la = m.model.forward(&[a], &mut cache)?;
+        let lb = reference.forward(&Tensor::new(&[b], &Device::Cpu)?.unsqueeze(0)?, prompt.len() + step)?;
+        a = argmax(&la);
+        b = argmax(&lb.flatten_all()?.to_vec1::<f32>()?);
+        ours_tokens.push(a);
+        theirs_tokens.push(b);
+    }
+    assert_eq!(ours_tokens, theirs_tokens);
+    Ok(())
+}
+
+#[test]
+fn incremental_decoding_matches_recompute() -> Result<()> {
+    let m = smollm()?;
+    let ids = chat(&m, "Write a haiku about the sea and the wind, then explain it.")?;
+    let (prompt, rest) = ids.split_at(ids.len() - 6);
+    let mut cache = KvCache::new(m.model.config());
+    let mut logits = m.model.forward(prompt, &mut cache)?;
+    for &t in rest {
+        logits = m.model.forward(&[t], &mut cache)?;
+    }
+    let whole = m.model.forward(&ids, &mut KvCache::new(m.model.config()))?;
+    let max_diff = logits.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-4, "incremental vs whole differ by {max_diff}");
+    Ok(())
+}
+
+#[test]
+fn q8_decode_answers_the_same() -> Result<()> {
+    let m = load(&model_path(), WeightFormat::Q8Decode)?;
+    let req = GenerateRequest {
+        prompt_ids: chat(&m, "What is the capital of France?")?,
+        max_tokens: 24,
+        stop: vec![],
+        sampling: SamplingParams::default(),
+    };
+    let out = generate(&m.model, &m.tokenizer, &req, |_| true)?;
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    Ok(())
+}
