@@ -7,8 +7,8 @@ use anyhow::Result;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use lazyserve_engine::{generate, GenerateRequest, SamplingParams};
-use lazyserve_model::{load, ChatMessage, KvCache, LoadedModel, WeightFormat};
+use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
+use lazyserve_model::{load, ChatMessage, KvCache, KvDtype, LoadedModel, WeightFormat};
 use lazyserve_tests::model_path;
 
 fn smollm() -> Result<LoadedModel> {
@@ -32,17 +32,32 @@ fn tokenizer_matches_smollm2() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn answers_paris() -> Result<()> {
-    let m = smollm()?;
+fn paris(weights: WeightFormat, kv: KvDtype) -> Result<Vec<u32>> {
+    let m = load(&model_path(), weights)?;
     let req = GenerateRequest {
         prompt_ids: chat(&m, "What is the capital of France?")?,
         max_tokens: 24,
         stop: vec![],
         sampling: SamplingParams::default(),
     };
-    let out = generate(&m.model, &m.tokenizer, &req, |_| true)?;
-    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    let out = Engine::new(m, kv).generate(&req, |_| true)?;
+    assert!(out.text.contains("Paris"), "{weights:?}/{kv:?} answer: {:?}", out.text);
+    Ok(out.token_ids)
+}
+
+#[test]
+fn answers_paris() -> Result<()> {
+    paris(WeightFormat::F32, KvDtype::F32)?;
+    Ok(())
+}
+
+/// The fast settings (Q8 decode weights with int16 activations, f16 KV) keep the f32 answer.
+#[test]
+fn fast_settings_answer_the_same() -> Result<()> {
+    let reference = paris(WeightFormat::F32, KvDtype::F32)?;
+    assert_eq!(paris(WeightFormat::Q8Decode, KvDtype::F32)?, reference);
+    assert_eq!(paris(WeightFormat::F32, KvDtype::F16)?, reference);
+    assert_eq!(paris(WeightFormat::Q8Decode, KvDtype::F16)?, reference);
     Ok(())
 }
 
@@ -84,7 +99,7 @@ fn dense_forward_matches_candle_reference() -> Result<()> {
     let prompt: Vec<u32> = m.tokenizer.encode(text)?.into_iter().take(64).collect();
     assert_eq!(prompt.len(), 64);
 
-    let mut cache = KvCache::new(m.model.config());
+    let mut cache = KvCache::new(m.model.config(), KvDtype::F32);
     let ours = m.model.forward(&prompt, &mut cache)?;
     let theirs = reference.forward(&Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
     let theirs: Vec<f32> = theirs.flatten_all()?.to_vec1()?;
@@ -112,27 +127,13 @@ fn incremental_decoding_matches_recompute() -> Result<()> {
     let m = smollm()?;
     let ids = chat(&m, "Write a haiku about the sea and the wind, then explain it.")?;
     let (prompt, rest) = ids.split_at(ids.len() - 6);
-    let mut cache = KvCache::new(m.model.config());
+    let mut cache = KvCache::new(m.model.config(), KvDtype::F32);
     let mut logits = m.model.forward(prompt, &mut cache)?;
     for &t in rest {
         logits = m.model.forward(&[t], &mut cache)?;
     }
-    let whole = m.model.forward(&ids, &mut KvCache::new(m.model.config()))?;
+    let whole = m.model.forward(&ids, &mut KvCache::new(m.model.config(), KvDtype::F32))?;
     let max_diff = logits.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "incremental vs whole differ by {max_diff}");
-    Ok(())
-}
-
-#[test]
-fn q8_decode_answers_the_same() -> Result<()> {
-    let m = load(&model_path(), WeightFormat::Q8Decode)?;
-    let req = GenerateRequest {
-        prompt_ids: chat(&m, "What is the capital of France?")?,
-        max_tokens: 24,
-        stop: vec![],
-        sampling: SamplingParams::default(),
-    };
-    let out = generate(&m.model, &m.tokenizer, &req, |_| true)?;
-    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
     Ok(())
 }

@@ -16,3 +16,11 @@ pub fn model_path() -> PathBuf {
     assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh", path.display());
     path
 }
+
+/// A binary of this workspace, built by `cargo build --release --bins` (scripts/test.sh does).
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("release").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --release --bins` first", path.display());
+    path
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lazyserve_model::{KvCache, Model, Tokenizer};
+use lazyserve_model::{KvCache, KvDtype, LoadedModel, Model, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -130,18 +130,38 @@ impl StopMatcher {
     }
 }
 
-/// Runs one request; `on_text` gets each text delta as soon as it is safe to show and may
-/// return false to cancel (the generation then ends as it stands).
-pub fn generate(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    req: &GenerateRequest,
-    mut on_text: impl FnMut(&str) -> bool,
-) -> Result<Generation> {
+/// A loaded model with the settings every request shares.
+pub struct Engine {
+    pub name: String,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// Element type of the KV cache.
+    pub kv_dtype: KvDtype,
+}
+
+impl Engine {
+    pub fn new(loaded: LoadedModel, kv_dtype: KvDtype) -> Self {
+        Self { name: loaded.name, model: loaded.model, tokenizer: loaded.tokenizer, kv_dtype }
+    }
+
+    /// An empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.model.config(), self.kv_dtype)
+    }
+
+    /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
+    /// may return false to cancel (the generation then ends as it stands).
+    pub fn generate(&self, req: &GenerateRequest, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
+        generate(self, req, on_text)
+    }
+}
+
+fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
+    let (model, tokenizer) = (&engine.model, &engine.tokenizer);
     req.validate(model)?;
     let start = Instant::now();
     let mut sampler = Sampler::new(req.sampling.clone())?;
-    let mut cache = KvCache::new(model.config());
+    let mut cache = engine.new_cache();
     let logits = model.forward(&req.prompt_ids, &mut cache)?;
     let prefill = start.elapsed();
     let mut next = sampler.sample(&logits);

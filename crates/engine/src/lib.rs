@@ -3,7 +3,7 @@
 mod generate;
 pub mod sampling;
 
-pub use generate::{generate, FinishReason, GenerateRequest, Generation, StopMatcher, TextStream, MAX_NEW_TOKENS};
+pub use generate::{Engine, FinishReason, GenerateRequest, Generation, StopMatcher, TextStream, MAX_NEW_TOKENS};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of a generation request.

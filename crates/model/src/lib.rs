@@ -14,6 +14,7 @@ use std::path::Path;
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
+pub use kernels::kv::KvDtype;
 pub use model::{KvCache, LayerKv, Model, WeightFormat};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

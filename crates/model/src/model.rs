@@ -7,7 +7,8 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::config::Config;
-use crate::kernels::attention::{causal_attention, query_scores, AttnShape, Rows};
+use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
+use crate::kernels::kv::{KvBuf, KvDtype};
 use crate::kernels::linear::Linear;
 use crate::kernels::math::{add_assign, rms_norm, silu_mul};
 use crate::kernels::rope::Rope;
@@ -39,16 +40,20 @@ fn load_vec(vb: &VarBuilder, n: usize, name: &str) -> Result<Vec<f32>> {
 }
 
 /// Keys and values of one layer for the tokens that have them, in arrival order.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerKv {
     /// Original position of each row.
     pub positions: Vec<u32>,
     /// `[row][kv_heads * head_dim]`, RoPE applied.
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvBuf,
+    pub v: KvBuf,
 }
 
 impl LayerKv {
+    pub fn new(dtype: KvDtype) -> Self {
+        Self { positions: Vec::new(), k: KvBuf::new(dtype), v: KvBuf::new(dtype) }
+    }
+
     pub fn len(&self) -> usize {
         self.positions.len()
     }
@@ -58,19 +63,19 @@ impl LayerKv {
     }
 
     pub fn bytes(&self) -> usize {
-        4 * (self.positions.len() + self.k.len() + self.v.len())
+        4 * self.positions.len() + self.k.bytes() + self.v.bytes()
     }
 }
 
 /// Per-sequence attention state: one [`LayerKv`] per layer.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
 }
 
 impl KvCache {
-    pub fn new(cfg: &Config) -> Self {
-        Self { layers: vec![LayerKv::default(); cfg.num_hidden_layers] }
+    pub fn new(cfg: &Config, dtype: KvDtype) -> Self {
+        Self { layers: vec![LayerKv::new(dtype); cfg.num_hidden_layers] }
     }
 
     pub fn bytes(&self) -> usize {
@@ -279,8 +284,8 @@ impl Model {
         kv.k.reserve(n * kvd);
         kv.v.reserve(n * kvd);
         for row in qkv.chunks_exact(stride) {
-            kv.k.extend_from_slice(&row[qd..qd + kvd]);
-            kv.v.extend_from_slice(&row[qd + kvd..]);
+            kv.k.extend_from_f32(&row[qd..qd + kvd]);
+            kv.v.extend_from_f32(&row[qd + kvd..]);
         }
 
         let mut attn = vec![0f32; n * qd];
@@ -289,14 +294,14 @@ impl Model {
             shape,
             Rows { data: &qkv, stride },
             positions,
-            Rows { data: &kv.k, stride: kvd },
-            Rows { data: &kv.v, stride: kvd },
+            KvRows { data: kv.k.as_slice(), stride: kvd },
+            KvRows { data: kv.v.as_slice(), stride: kvd },
             &kv.positions,
             &mut attn,
         );
         let scores = score_last.then(|| {
             let last = &qkv[(n - 1) * stride..(n - 1) * stride + qd];
-            query_scores(shape, last, positions[n - 1], Rows { data: &kv.k, stride: kvd }, &kv.positions)
+            query_scores(shape, last, positions[n - 1], KvRows { data: kv.k.as_slice(), stride: kvd }, &kv.positions)
         });
 
         let o = layer.self_attn.o.forward(&attn, n);

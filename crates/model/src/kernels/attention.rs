@@ -7,6 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::kv::{KvElem, KvSlice};
 use super::math::{exp_sub_sum, max, scale};
 use super::SendPtr;
 
@@ -18,18 +19,215 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// Rows of a `[token][heads][head_dim]` buffer with `stride` floats between tokens.
+/// Rows of a `[token][heads][head_dim]` buffer with `stride` elements between tokens.
 #[derive(Clone, Copy)]
-pub struct Rows<'a> {
-    pub data: &'a [f32],
+pub struct Rows<'a, T = f32> {
+    pub data: &'a [T],
+    pub stride: usize,
+}
+
+/// Stored K or V rows, f32 or f16.
+#[derive(Clone, Copy)]
+pub struct KvRows<'a> {
+    pub data: KvSlice<'a>,
     pub stride: usize,
 }
 
 const QUERY_TILE: usize = 64;
+/// Up to this many queries (decode steps) take the split-key path.
+const FEW_QUERIES: usize = 4;
+/// Keys per task on the split-key path.
+const KEY_SPLIT: usize = 256;
+
+/// Partial softmax state of one query head over a range of keys.
+struct Partial {
+    m: f32,
+    l: f32,
+    acc: Vec<f32>,
+}
+
+/// `out[t] = q . k_t` for the rows `k_t` at `k[t * stride..]`, `t < out.len()`.
+fn key_dots<T: KvElem>(q: &[f32], k: &[T], stride: usize, out: &mut [f32]) {
+    let d = q.len();
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2_fma() && d % 8 == 0 {
+        while t + 8 <= out.len() {
+            assert!((t + 7) * stride + d <= k.len());
+            // SAFETY: AVX2+FMA+F16C present; the assert bounds all 8 rows read.
+            unsafe { dots8_avx2(q, k.as_ptr().add(t * stride), stride, out.as_mut_ptr().add(t)) };
+            t += 8;
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(t) {
+        *o = q.iter().zip(&k[i * stride..i * stride + d]).map(|(a, b)| a * b.get()).sum();
+    }
+}
+
+/// Eight dot products at once, reduced with a transpose of horizontal adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots8_avx2<T: KvElem>(q: &[f32], k: *const T, stride: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for c in (0..q.len()).step_by(8) {
+        let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+        for (t, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(qv, T::load8(k.add(t * stride + c)), *a);
+        }
+    }
+    let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let s45 = _mm256_hadd_ps(acc[4], acc[5]);
+    let s67 = _mm256_hadd_ps(acc[6], acc[7]);
+    let s0123 = _mm256_hadd_ps(s01, s23);
+    let s4567 = _mm256_hadd_ps(s45, s67);
+    let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+}
+
+/// `acc += sum_t w[t] * v_t` for the rows `v_t` at `v[t * stride..]`.
+fn weighted_rows<T: KvElem>(acc: &mut [f32], w: &[f32], v: &[T], stride: usize) {
+    let d = acc.len();
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(last * stride + d <= v.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2_fma() && d == 64 {
+        // SAFETY: features present; rows bounded by the assert above.
+        return unsafe { weighted_rows64_avx2(acc, w, v.as_ptr(), stride) };
+    }
+    for (t, &wt) in w.iter().enumerate() {
+        if wt != 0.0 {
+            for (a, x) in acc.iter_mut().zip(&v[t * stride..t * stride + d]) {
+                *a += wt * x.get();
+            }
+        }
+    }
+}
+
+/// [`weighted_rows`] for head_dim 64 with the accumulator held in eight registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_rows64_avx2<T: KvElem>(acc: &mut [f32], w: &[f32], v: *const T, stride: usize) {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 8];
+    for (c, r) in a.iter_mut().enumerate() {
+        *r = _mm256_loadu_ps(acc.as_ptr().add(8 * c));
+    }
+    for (t, &wt) in w.iter().enumerate() {
+        let wv = _mm256_set1_ps(wt);
+        let row = v.add(t * stride);
+        for (c, r) in a.iter_mut().enumerate() {
+            *r = _mm256_fmadd_ps(wv, T::load8(row.add(8 * c)), *r);
+        }
+    }
+    for (c, r) in a.iter().enumerate() {
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8 * c), *r);
+    }
+}
+
+/// Decode-shaped attention: a handful of queries against many keys. Work is split over key
+/// ranges (and groups) so that every thread streams its share of K and V once; the partial
+/// softmax states are merged at the end.
+fn few_query_attention<T: KvElem>(
+    shape: AttnShape,
+    q: Rows<'_>,
+    qpos: &[u32],
+    k: Rows<'_, T>,
+    v: Rows<'_, T>,
+    kpos: &[u32],
+    out: &mut [f32],
+) {
+    let AttnShape { heads, kv_heads, head_dim: d } = shape;
+    let rep = heads / kv_heads;
+    let nq = qpos.len();
+    let splits = kpos.len().div_ceil(KEY_SPLIT).max(1);
+    let sm_scale = 1.0 / (d as f32).sqrt();
+    // partials[(g * splits + c)] holds nq * rep states.
+    let partials: Vec<Vec<Partial>> = (0..kv_heads * splits)
+        .into_par_iter()
+        .map(|task| {
+            let (g, c) = (task / splits, task % splits);
+            let k0 = c * KEY_SPLIT;
+            let k1 = (k0 + KEY_SPLIT).min(kpos.len());
+            let mut states = Vec::with_capacity(nq * rep);
+            let mut s = vec![0f32; k1 - k0];
+            for (i, &p) in qpos.iter().enumerate() {
+                for j in 0..rep {
+                    let qh = &q.data[i * q.stride + (g * rep + j) * d..][..d];
+                    let kg = &k.data[k0 * k.stride + g * d..];
+                    key_dots(qh, kg, k.stride, &mut s);
+                    for (x, &kp) in s.iter_mut().zip(&kpos[k0..k1]) {
+                        *x = if kp <= p { *x * sm_scale } else { f32::NEG_INFINITY };
+                    }
+                    let m = max(&s);
+                    let mut acc = vec![0f32; d];
+                    let l = if m == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        let l = exp_sub_sum(&mut s, m);
+                        weighted_rows(&mut acc, &s, &v.data[k0 * v.stride + g * d..], v.stride);
+                        l
+                    };
+                    states.push(Partial { m, l, acc });
+                }
+            }
+            states
+        })
+        .collect();
+    for g in 0..kv_heads {
+        for i in 0..nq {
+            for j in 0..rep {
+                let parts = (0..splits).map(|c| &partials[g * splits + c][i * rep + j]);
+                let m = parts.clone().fold(f32::NEG_INFINITY, |m, p| m.max(p.m));
+                let dst = &mut out[(i * heads + g * rep + j) * d..][..d];
+                dst.fill(0.0);
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut l = 0.0;
+                for p in parts {
+                    let w = super::math::exp_approx(p.m - m);
+                    l += p.l * w;
+                    super::math::axpy(dst, w, &p.acc);
+                }
+                scale(dst, 1.0 / l);
+            }
+        }
+    }
+}
 
 /// `out[t][h] = softmax(q[t][h] K_g^T / sqrt(d), masked by position) V_g`, g = h's group.
 /// `out` is `[nq][heads][head_dim]`, contiguous.
 pub fn causal_attention(
+    shape: AttnShape,
+    q: Rows<'_>,
+    qpos: &[u32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
+    kpos: &[u32],
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), qpos.len() * shape.heads * shape.head_dim);
+    match (k.data, v.data) {
+        (KvSlice::F32(kd), KvSlice::F32(vd)) if qpos.len() <= FEW_QUERIES => {
+            few_query_attention(shape, q, qpos, Rows { data: kd, stride: k.stride }, Rows { data: vd, stride: v.stride }, kpos, out)
+        }
+        (KvSlice::F16(kd), KvSlice::F16(vd)) if qpos.len() <= FEW_QUERIES => {
+            few_query_attention(shape, q, qpos, Rows { data: kd, stride: k.stride }, Rows { data: vd, stride: v.stride }, kpos, out)
+        }
+        _ => {
+            // Tiles run on f32 GEMM: widen f16 rows once per call (cheap next to the tiles).
+            let (kd, vd) = (k.data.to_f32(), v.data.to_f32());
+            tiled_attention(shape, q, qpos, Rows { data: &kd, stride: k.stride }, Rows { data: &vd, stride: v.stride }, kpos, out)
+        }
+    }
+}
+
+/// Prompt-shaped attention: query tiles x key tiles on GEMM with an online softmax.
+fn tiled_attention(
     shape: AttnShape,
     q: Rows<'_>,
     qpos: &[u32],
@@ -41,10 +239,8 @@ pub fn causal_attention(
     let AttnShape { heads, kv_heads, head_dim: d } = shape;
     let nq = qpos.len();
     let nk = kpos.len();
-    assert_eq!(out.len(), nq * heads * d);
     let rep = heads / kv_heads;
-    // Few queries (decode): long key tiles keep the per-tile overhead low.
-    let key_tile = if nq * rep <= 16 { 1024 } else { 128 };
+    let key_tile = 256;
     let key_tiles: Vec<(u32, u32)> = kpos
         .chunks(key_tile)
         .map(|c| (*c.iter().min().unwrap(), *c.iter().max().unwrap()))
@@ -162,7 +358,7 @@ pub fn causal_attention(
 /// LazyLLM importance (arXiv 2407.14057, eq. 1): the attention probabilities of one query
 /// (`q`, `[heads][head_dim]` at position `qpos`) over the keys it may see, averaged over heads.
 /// Keys it may not see (position > qpos) score 0. Returns one score per key row.
-pub fn query_scores(shape: AttnShape, q: &[f32], qpos: u32, k: Rows<'_>, kpos: &[u32]) -> Vec<f32> {
+pub fn query_scores(shape: AttnShape, q: &[f32], qpos: u32, k: KvRows<'_>, kpos: &[u32]) -> Vec<f32> {
     let AttnShape { heads, kv_heads, head_dim: d } = shape;
     let rep = heads / kv_heads;
     let sm_scale = 1.0 / (d as f32).sqrt();
@@ -171,12 +367,12 @@ pub fn query_scores(shape: AttnShape, q: &[f32], qpos: u32, k: Rows<'_>, kpos: &
     for h in 0..heads {
         let g = h / rep;
         let qh = &q[h * d..(h + 1) * d];
-        for (t, (x, &p)) in row.iter_mut().zip(kpos).enumerate() {
-            *x = if p <= qpos {
-                super::math::dot(qh, &k.data[t * k.stride + g * d..][..d]) * sm_scale
-            } else {
-                f32::NEG_INFINITY
-            };
+        match k.data {
+            KvSlice::F32(kd) => key_dots(qh, &kd[g * d..], k.stride, &mut row),
+            KvSlice::F16(kd) => key_dots(qh, &kd[g * d..], k.stride, &mut row),
+        }
+        for (x, &p) in row.iter_mut().zip(kpos) {
+            *x = if p <= qpos { *x * sm_scale } else { f32::NEG_INFINITY };
         }
         let mx = max(&row);
         let sum = exp_sub_sum(&mut row, mx);
@@ -243,8 +439,8 @@ mod tests {
             shape,
             Rows { data: &q, stride: 96 },
             &qpos,
-            Rows { data: &k, stride: 32 },
-            Rows { data: &v, stride: 32 },
+            KvRows { data: KvSlice::F32(&k), stride: 32 },
+            KvRows { data: KvSlice::F32(&v), stride: 32 },
             &kpos,
             &mut out,
         );
@@ -255,12 +451,69 @@ mod tests {
     }
 
     #[test]
+    fn few_queries_match_naive() {
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16 };
+        let mut kpos: Vec<u32> = (0..700).collect();
+        kpos.swap(10, 600);
+        for qpos in [vec![699u32], vec![5, 650, 699]] {
+            let q = data(qpos.len() * 96, 4);
+            let k = data(kpos.len() * 32, 2);
+            let v = data(kpos.len() * 32, 3);
+            let mut out = vec![0f32; q.len()];
+            causal_attention(
+                shape,
+                Rows { data: &q, stride: 96 },
+                &qpos,
+                KvRows { data: KvSlice::F32(&k), stride: 32 },
+                KvRows { data: KvSlice::F32(&v), stride: 32 },
+                &kpos,
+                &mut out,
+            );
+            let want = naive(shape, &q, &qpos, &k, &v, &kpos);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_rows_match_naive_on_rounded_values() {
+        use half::f16;
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 64 };
+        let kpos: Vec<u32> = (0..300).collect();
+        let round = |x: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
+            let h: Vec<f16> = x.iter().map(|&a| f16::from_f32(a)).collect();
+            let r = h.iter().map(|a| a.to_f32()).collect();
+            (h, r)
+        };
+        let (kh, kr) = round(data(300 * 128, 2));
+        let (vh, vr) = round(data(300 * 128, 3));
+        for qpos in [vec![299u32], (200..300).collect()] {
+            let q = data(qpos.len() * 384, 7);
+            let mut out = vec![0f32; q.len()];
+            causal_attention(
+                shape,
+                Rows { data: &q, stride: 384 },
+                &qpos,
+                KvRows { data: KvSlice::F16(&kh), stride: 128 },
+                KvRows { data: KvSlice::F16(&vh), stride: 128 },
+                &kpos,
+                &mut out,
+            );
+            let want = naive(shape, &q, &qpos, &kr, &vr, &kpos);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
     fn scores_are_head_averaged_probabilities() {
         let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 8 };
         let kpos: Vec<u32> = (0..20).collect();
         let k = data(20 * 16, 5);
         let q = data(32, 6);
-        let s = query_scores(shape, &q, 15, Rows { data: &k, stride: 16 }, &kpos);
+        let s = query_scores(shape, &q, 15, KvRows { data: KvSlice::F32(&k), stride: 16 }, &kpos);
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(s[16..].iter().all(|&x| x == 0.0));
     }

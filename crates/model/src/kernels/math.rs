@@ -118,6 +118,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y[i] += a * x[i]`.
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) -> () {
+        for (o, &b) in y.iter_mut().zip(x) {
+            *o += a * b;
+        }
+    }
+}
+
+multiversion! {
     /// `y[i] *= s`.
     pub fn scale(y: &mut [f32], s: f32) -> () {
         for a in y.iter_mut() {

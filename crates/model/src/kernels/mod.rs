@@ -2,12 +2,13 @@
 //! for the baseline target, and picked at run time, so a built binary runs on any x86-64.
 
 pub mod attention;
+pub mod kv;
 pub mod linear;
 pub mod math;
 pub mod q8;
 pub mod rope;
 
-/// True when the CPU has AVX2 and FMA (checked once).
+/// True when the CPU has AVX2, FMA and F16C (checked once).
 #[inline]
 pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -15,7 +16,9 @@ pub fn avx2_fma() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -34,7 +37,7 @@ macro_rules! multiversion {
             #[inline(always)]
             fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2($($arg: $ty),*) -> $ret {
                 body($($arg),*)
             }

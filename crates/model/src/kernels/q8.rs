@@ -1,5 +1,5 @@
 //! Q8_0 weights (blocks of 32 int8 with one f32 scale, as in ggml) and their matrix-vector
-//! product with f32 activations. Used for decode, where reading f32 weights would bound the
+//! product with int16-quantized activations. Used for decode, where reading f32 weights would bound the
 //! step by memory bandwidth: int8 reads about 3.8x fewer bytes.
 
 use rayon::prelude::*;
@@ -56,10 +56,14 @@ impl Q8Matrix {
         self.quants.len() + self.scales.len() * 4
     }
 
-    /// `y = W x` for one f32 activation row, `y` of length `rows`. Activations stay f32
-    /// (weight-only quantization): 8-bit activations flip close top tokens of small models.
+    /// `y = W x` for one f32 activation row, `y` of length `rows`. Activations are quantized
+    /// to int16 per block: 8-bit activations flip close top tokens of small models (their
+    /// outlier channels crush the other values of a block), 16 bits keep the f32 answer.
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
         let nb = self.cols / BLOCK;
+        let mut xq = vec![0i16; self.cols];
+        let mut xs = vec![0f32; nb];
+        quantize_row_i16(x, &mut xq, &mut xs);
         // Enough chunks for rayon to balance, large enough to amortise the fork.
         let chunk = (self.rows / (4 * rayon::current_num_threads())).max(64);
         let out = SendPtr(y.as_mut_ptr());
@@ -71,32 +75,44 @@ impl Q8Matrix {
                 let q = &self.quants[r * self.cols..(r + 1) * self.cols];
                 let s = &self.scales[r * nb..(r + 1) * nb];
                 // SAFETY: rows r0..r1 belong to this task alone.
-                unsafe { *out.0.add(r) = dot_q8_f32(q, s, x) };
+                unsafe { *out.0.add(r) = dot_q8_i16(q, s, &xq, &xs) };
             }
         });
     }
 }
 
-/// Sum over blocks of (int8 weights . f32 activations) * block scale.
+multiversion! {
+    /// Quantizes activations to int16 per block of 32, with one f32 scale per block.
+    fn quantize_row_i16(x: &[f32], q: &mut [i16], scales: &mut [f32]) -> () {
+        for ((xb, qb), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 32767.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                *o = (v * inv + 0.5).floor() as i16;
+            }
+            *s = d;
+        }
+    }
+}
+
+/// Sum over blocks of (int8 weights . int16 activations) * both block scales.
 #[inline]
-fn dot_q8_f32(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+fn dot_q8_i16(wq: &[i8], ws: &[f32], xq: &[i16], xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::avx2_fma() {
         // SAFETY: AVX2 and FMA are present.
-        return unsafe { dot_q8_f32_avx2(wq, ws, x) };
+        return unsafe { dot_q8_i16_avx2(wq, ws, xq, xs) };
     }
-    dot_q8_f32_generic(wq, ws, x)
+    dot_q8_i16_generic(wq, ws, xq, xs)
 }
 
 multiversion! {
-    fn dot_q8_f32_generic(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+    fn dot_q8_i16_generic(wq: &[i8], ws: &[f32], xq: &[i16], xs: &[f32]) -> f32 {
         let mut sum = 0f32;
-        for (b, (w, x)) in wq.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).enumerate() {
-            let mut acc = [0f32; 8];
-            for i in 0..BLOCK {
-                acc[i % 8] += w[i] as f32 * x[i];
-            }
-            sum += acc.iter().sum::<f32>() * ws[b];
+        for (b, (w, x)) in wq.chunks_exact(BLOCK).zip(xq.chunks_exact(BLOCK)).enumerate() {
+            let acc: i32 = w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
+            sum += acc as f32 * (ws[b] * xs[b]);
         }
         sum
     }
@@ -104,19 +120,20 @@ multiversion! {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_f32_avx2(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+unsafe fn dot_q8_i16_avx2(wq: &[i8], ws: &[f32], xq: &[i16], xs: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let mut total = _mm256_setzero_ps();
     for b in 0..ws.len() {
         let w = wq.as_ptr().add(b * BLOCK);
-        let xb = x.as_ptr().add(b * BLOCK);
-        let mut acc = _mm256_setzero_ps();
-        for j in 0..4 {
-            let w8 = _mm_loadl_epi64(w.add(8 * j) as *const __m128i);
-            let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
-            acc = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xb.add(8 * j)), acc);
-        }
-        total = _mm256_fmadd_ps(acc, _mm256_set1_ps(*ws.get_unchecked(b)), total);
+        let x = xq.as_ptr().add(b * BLOCK);
+        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w as *const __m128i));
+        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
+        let x0 = _mm256_loadu_si256(x as *const __m256i);
+        let x1 = _mm256_loadu_si256(x.add(16) as *const __m256i);
+        // |w| <= 127 and |x| <= 32767: each pair sum fits i32, and so do 16 of them.
+        let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        let d = _mm256_set1_ps(*ws.get_unchecked(b) * *xs.get_unchecked(b));
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, total);
     }
     let hi = _mm256_extractf128_ps(total, 1);
     let lo = _mm256_castps256_ps128(total);
@@ -141,17 +158,16 @@ mod tests {
         for r in 0..rows {
             let deq = |c: usize| m.quants[r * cols + c] as f32 * m.scales[r * cols / BLOCK + c / BLOCK];
             let exact: f32 = (0..cols).map(|c| deq(c) * x[c]).sum();
-            assert!((y[r] - exact).abs() < 1e-4 * (1.0 + exact.abs()), "row {r}: {} vs {exact}", y[r]);
+            // int16 activations: within 2^-15 of each block's largest value.
+            assert!((y[r] - exact).abs() < 1e-3 * (1.0 + exact.abs()), "row {r}: {} vs {exact}", y[r]);
             // Requantization moves each weight by at most half a step (amax / 254).
             let f32_dot: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
             let bound: f32 = (0..cols).map(|c| x[c].abs() / 254.0).sum();
-            assert!((y[r] - f32_dot).abs() <= bound + 1e-4);
-            assert_eq!(
-                dot_q8_f32(&m.quants[r * cols..][..cols], &m.scales[r * 3..][..3], &x).to_bits(),
-                y[r].to_bits()
-            );
-            let generic = dot_q8_f32_generic(&m.quants[r * cols..][..cols], &m.scales[r * 3..][..3], &x);
-            assert!((generic - y[r]).abs() < 1e-4 * (1.0 + exact.abs()));
+            assert!((y[r] - f32_dot).abs() <= bound + 1e-3 * (1.0 + f32_dot.abs()));
+            let (mut xq, mut xs) = (vec![0i16; cols], vec![0f32; cols / BLOCK]);
+            quantize_row_i16(&x, &mut xq, &mut xs);
+            let generic = dot_q8_i16_generic(&m.quants[r * cols..][..cols], &m.scales[r * 3..][..3], &xq, &xs);
+            assert!((generic - y[r]).abs() < 1e-5 * (1.0 + exact.abs()), "SIMD and portable kernels agree");
         }
     }
 
