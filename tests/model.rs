@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use lazyserve_engine::lazy::Schedule;
 use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
 use lazyserve_model::{load, ChatMessage, KvCache, KvDtype, LoadedModel, WeightFormat};
 use lazyserve_tests::model_path;
@@ -39,6 +40,7 @@ fn paris(weights: WeightFormat, kv: KvDtype) -> Result<Vec<u32>> {
         max_tokens: 24,
         stop: vec![],
         sampling: SamplingParams::default(),
+        schedule: Schedule::off(),
     };
     let out = Engine::new(m, kv).generate(&req, |_| true)?;
     assert!(out.text.contains("Paris"), "{weights:?}/{kv:?} answer: {:?}", out.text);

@@ -24,3 +24,48 @@ pub fn binary(name: &str) -> PathBuf {
     assert!(path.exists(), "{} is missing: run `cargo build --release --bins` first", path.display());
     path
 }
+
+pub mod reference;
+
+/// A tiny Llama with random weights (deterministic), for fast algorithm tests.
+pub fn tiny_model() -> lazyserve_model::Model {
+    use candle_core::{Device, Tensor};
+    let cfg = lazyserve_model::Config::from_hf_json(
+        r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000, "max_position_embeddings": 256}"#,
+    )
+    .expect("tiny config");
+    let (h, i, v, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.kv_dim());
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
+    let mut t = std::collections::HashMap::new();
+    t.insert("model.embed_tokens.weight".to_string(), rand(&[v, h], 1.0));
+    t.insert("model.norm.weight".to_string(), (rand(&[h], 0.2) + 1.0).unwrap());
+    t.insert("lm_head.weight".to_string(), rand(&[v, h], 0.3));
+    for l in 0..cfg.num_hidden_layers {
+        let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+        t.insert(p("input_layernorm"), (rand(&[h], 0.2) + 1.0).unwrap());
+        t.insert(p("post_attention_layernorm"), (rand(&[h], 0.2) + 1.0).unwrap());
+        t.insert(p("self_attn.q_proj"), rand(&[h, h], 0.4));
+        t.insert(p("self_attn.k_proj"), rand(&[kv, h], 0.4));
+        t.insert(p("self_attn.v_proj"), rand(&[kv, h], 0.4));
+        t.insert(p("self_attn.o_proj"), rand(&[h, h], 0.2));
+        t.insert(p("mlp.gate_proj"), rand(&[i, h], 0.3));
+        t.insert(p("mlp.up_proj"), rand(&[i, h], 0.3));
+        t.insert(p("mlp.down_proj"), rand(&[h, i], 0.2));
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+    lazyserve_model::Model::new(&cfg, vb, lazyserve_model::WeightFormat::F32).expect("tiny model")
+}

@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use lazyserve_model::{KvCache, KvDtype, LoadedModel, Model, Tokenizer};
+
+use crate::lazy::{self, Schedule, SequenceState};
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::{Sampler, SamplingParams};
@@ -41,6 +43,8 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// LazyLLM pruning; [`Schedule::off`] is dense inference.
+    pub schedule: Schedule,
 }
 
 impl GenerateRequest {
@@ -77,6 +81,13 @@ pub struct Generation {
     pub prefill: Duration,
     /// Mean time of one decode step (zero when only one token was generated).
     pub decode_per_token: Duration,
+    /// LazyLLM: prompt token-layers computed over prompt tokens x layers (1 when dense).
+    pub computed_fraction: f64,
+    /// Token-layers revived from the Aux Cache.
+    pub revived_tokens: usize,
+    /// K/V and Aux Cache bytes held at the end.
+    pub kv_bytes: usize,
+    pub aux_bytes: usize,
 }
 
 /// Turns a growing list of ids into text deltas, holding back bytes of a character that is
@@ -149,6 +160,11 @@ impl Engine {
         KvCache::new(self.model.config(), self.kv_dtype)
     }
 
+    /// Parses a pruning preset or spec for this model.
+    pub fn schedule(&self, spec: &str) -> Result<Schedule> {
+        Schedule::parse(spec, self.model.config().num_hidden_layers)
+    }
+
     /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
     /// may return false to cancel (the generation then ends as it stands).
     pub fn generate(&self, req: &GenerateRequest, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
@@ -161,8 +177,8 @@ fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str
     req.validate(model)?;
     let start = Instant::now();
     let mut sampler = Sampler::new(req.sampling.clone())?;
-    let mut cache = engine.new_cache();
-    let logits = model.forward(&req.prompt_ids, &mut cache)?;
+    let mut state = SequenceState::new(model, req.schedule.clone(), engine.kv_dtype, req.sampling.seed);
+    let logits = lazy::step(model, &mut state, &req.prompt_ids)?;
     let prefill = start.elapsed();
     let mut next = sampler.sample(&logits);
     let ttft = start.elapsed();
@@ -193,7 +209,7 @@ fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str
         if token_ids.len() >= req.max_tokens || req.prompt_ids.len() + token_ids.len() >= max_ctx {
             break FinishReason::Length;
         }
-        let logits = model.forward(&[next], &mut cache)?;
+        let logits = lazy::step(model, &mut state, &[next])?;
         next = sampler.sample(&logits);
     };
     if text.len() > emitted {
@@ -209,6 +225,10 @@ fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str
         ttft,
         prefill,
         decode_per_token,
+        computed_fraction: state.computed_fraction(),
+        revived_tokens: state.stats.revived,
+        kv_bytes: state.kv_bytes(),
+        aux_bytes: state.aux_bytes(),
     })
 }
 

@@ -1,6 +1,7 @@
-//! lazyserve's engine: sampling and the generation loop over the model crate's forward pass.
+//! lazyserve's engine: LazyLLM pruning with Aux Cache revival, sampling and the generation loop.
 
 mod generate;
+pub mod lazy;
 pub mod sampling;
 
 pub use generate::{Engine, FinishReason, GenerateRequest, Generation, StopMatcher, TextStream, MAX_NEW_TOKENS};
@@ -15,6 +16,8 @@ pub enum Error {
     PromptTooLong { tokens: usize, max: usize },
     #[error(transparent)]
     Model(#[from] lazyserve_model::Error),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -135,6 +135,21 @@ impl Mlp {
     }
 }
 
+/// Borrowed weights of one decoder layer.
+pub struct LayerWeights<'a> {
+    pub input_norm: &'a [f32],
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// q, k and v biases, concatenated (Qwen2).
+    pub qkv_bias: Option<&'a [f32]>,
+    pub o: &'a [f32],
+    pub post_norm: &'a [f32],
+    pub gate: &'a [f32],
+    pub up: &'a [f32],
+    pub down: &'a [f32],
+}
+
 /// One pre-norm decoder layer.
 pub struct DecoderLayer {
     input_layernorm: Vec<f32>,
@@ -217,6 +232,39 @@ impl Model {
             + 4 * self.embed_tokens.as_ref().map_or(0, Vec::len)
     }
 
+    /// Read-only view of layer `l`'s weights (row-major `[out][in]`), for reference
+    /// implementations and tools.
+    pub fn layer_weights(&self, l: usize) -> LayerWeights<'_> {
+        let layer = &self.layers[l];
+        let (qd, kvd, h, i) = (self.cfg.q_dim(), self.cfg.kv_dim(), self.cfg.hidden_size, self.cfg.intermediate_size);
+        let qkv = layer.self_attn.qkv.weight();
+        let gu = layer.mlp.gate_up.weight();
+        LayerWeights {
+            input_norm: &layer.input_layernorm,
+            q: &qkv[..qd * h],
+            k: &qkv[qd * h..(qd + kvd) * h],
+            v: &qkv[(qd + kvd) * h..],
+            qkv_bias: layer.self_attn.qkv.bias(),
+            o: layer.self_attn.o.weight(),
+            post_norm: &layer.post_attention_layernorm,
+            gate: &gu[..i * h],
+            up: &gu[i * h..],
+            down: layer.mlp.down.weight(),
+        }
+    }
+
+    /// The embedding row of one token.
+    pub fn embedding(&self, token: u32) -> &[f32] {
+        let h = self.cfg.hidden_size;
+        let table = self.embed_tokens.as_deref().unwrap_or(self.lm_head.weight());
+        &table[token as usize * h..(token as usize + 1) * h]
+    }
+
+    /// RoPE tables, shared with reference implementations.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     fn attn_shape(&self) -> AttnShape {
         AttnShape {
             heads: self.cfg.num_attention_heads,
@@ -254,17 +302,19 @@ impl Model {
     }
 
     /// Runs layer `l` over the tokens whose hidden states are the rows of `x` (updated in
-    /// place) at original `positions`. Their keys and values are appended to `kv`, and each
-    /// attends to every row of `kv` at a position not after its own.
+    /// place) at original `positions`. Their keys and values are appended to `kv` (as rows
+    /// `kv.len()..` in order), and each attends to the key rows `keys` (all rows of `kv` when
+    /// None; the new rows must be among them) at positions not after its own.
     ///
-    /// With `score_last`, also returns the LazyLLM importance of every row of `kv` (after
-    /// the append): the last row's query attention probabilities, averaged over heads.
+    /// With `score_last`, also returns the LazyLLM importance of each key row (in `keys`
+    /// order, or row order): the last row's query attention probabilities averaged over heads.
     pub fn layer_forward(
         &self,
         l: usize,
         x: &mut [f32],
         positions: &[u32],
         kv: &mut LayerKv,
+        keys: Option<&[u32]>,
         score_last: bool,
     ) -> Result<Option<Vec<f32>>> {
         let cfg = &self.cfg;
@@ -288,20 +338,28 @@ impl Model {
             kv.v.extend_from_f32(&row[qd + kvd..]);
         }
 
+        let subset = keys.map(|rows| {
+            let kpos: Vec<u32> = rows.iter().map(|&r| kv.positions[r as usize]).collect();
+            (kpos, kv.k.gather(rows, kvd), kv.v.gather(rows, kvd))
+        });
+        let (kpos, k, v) = match &subset {
+            Some((p, k, v)) => (p.as_slice(), k, v),
+            None => (kv.positions.as_slice(), &kv.k, &kv.v),
+        };
         let mut attn = vec![0f32; n * qd];
         let shape = self.attn_shape();
         causal_attention(
             shape,
             Rows { data: &qkv, stride },
             positions,
-            KvRows { data: kv.k.as_slice(), stride: kvd },
-            KvRows { data: kv.v.as_slice(), stride: kvd },
-            &kv.positions,
+            KvRows { data: k.as_slice(), stride: kvd },
+            KvRows { data: v.as_slice(), stride: kvd },
+            kpos,
             &mut attn,
         );
         let scores = score_last.then(|| {
             let last = &qkv[(n - 1) * stride..(n - 1) * stride + qd];
-            query_scores(shape, last, positions[n - 1], KvRows { data: kv.k.as_slice(), stride: kvd }, &kv.positions)
+            query_scores(shape, last, positions[n - 1], KvRows { data: k.as_slice(), stride: kvd }, kpos)
         });
 
         let o = layer.self_attn.o.forward(&attn, n);
@@ -331,7 +389,7 @@ impl Model {
         let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
         let mut x = self.embed(tokens)?;
         for (l, kv) in cache.layers.iter_mut().enumerate() {
-            self.layer_forward(l, &mut x, &positions, kv, false)?;
+            self.layer_forward(l, &mut x, &positions, kv, None, false)?;
         }
         let h = self.cfg.hidden_size;
         Ok(self.logits(&x[(tokens.len() - 1) * h..]))

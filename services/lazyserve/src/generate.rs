@@ -41,6 +41,10 @@ pub struct GenerateArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// LazyLLM pruning: a preset (off, conservative, default, aggressive) or a spec such as
+    /// `18:0.5,24:0.5`, `random:18:0.5,24:0.5`, `static:default`, `default+sinks=4`.
+    #[arg(long, env = "LAZYSERVE_PRUNE", default_value = "off")]
+    prune: String,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     json: bool,
@@ -65,6 +69,7 @@ struct BatchLine {
     top_k: Option<usize>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
+    prune: Option<String>,
 }
 
 fn result_json(g: &Generation) -> serde_json::Value {
@@ -76,6 +81,10 @@ fn result_json(g: &Generation) -> serde_json::Value {
         "prefill_ms": g.prefill.as_secs_f64() * 1e3,
         "decode_ms_per_token": g.decode_per_token.as_secs_f64() * 1e3,
         "finish_reason": g.finish_reason,
+        "computed_fraction": g.computed_fraction,
+        "revived_tokens": g.revived_tokens,
+        "kv_bytes": g.kv_bytes,
+        "aux_bytes": g.aux_bytes,
     })
 }
 
@@ -113,6 +122,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         sampling: args.sampling(),
+        schedule: m.schedule(&args.prune)?,
     };
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
@@ -162,6 +172,7 @@ fn run_batch(args: &GenerateArgs, input: &PathBuf, output: &PathBuf) -> anyhow::
                         top_p: b.top_p.unwrap_or(args.top_p),
                         seed: b.seed.unwrap_or(args.seed),
                     },
+                    schedule: m.schedule(b.prune.as_deref().unwrap_or(&args.prune))?,
                 };
                 let g = m.generate(&req, |_| true).map_err(|e| anyhow::anyhow!("id {id}: {e}"))?;
                 let mut v = result_json(&g);

@@ -76,6 +76,29 @@ impl KvBuf {
         }
     }
 
+    /// Copies rows `rows` (each `width` elements) into a new buffer of the same type.
+    pub fn gather(&self, rows: &[u32], width: usize) -> Self {
+        fn pick<T: Copy>(v: &[T], rows: &[u32], width: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(rows.len() * width);
+            for &r in rows {
+                out.extend_from_slice(&v[r as usize * width..(r as usize + 1) * width]);
+            }
+            out
+        }
+        match self {
+            Self::F32(v) => Self::F32(pick(v, rows, width)),
+            Self::F16(v) => Self::F16(pick(v, rows, width)),
+        }
+    }
+
+    /// Row `r` (of `width` elements) as f32.
+    pub fn row_f32(&self, r: usize, width: usize) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v[r * width..(r + 1) * width].to_vec(),
+            Self::F16(v) => v[r * width..(r + 1) * width].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
     pub fn as_slice(&self) -> KvSlice<'_> {
         match self {
             Self::F32(v) => KvSlice::F32(v),

@@ -52,6 +52,10 @@ impl Linear {
         &self.weight
     }
 
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
     pub fn bytes(&self) -> usize {
         4 * (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len))
             + self.q8.as_ref().map_or(0, Q8Matrix::bytes)

@@ -1,0 +1,166 @@
+//! Pruning schedules: which layers prune, how many of the still-alive tokens they keep, how
+//! tokens are scored. LazyLLM, arXiv 2407.14057, section 3.2 (progressive pruning).
+
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// How a pruning layer ranks tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// LazyLLM: the last token's attention, re-selected at every step, pruned tokens revived
+    /// from the Aux Cache when selected again.
+    Lazy,
+    /// Baseline: the same budget with random scores (seeded).
+    Random,
+    /// Baseline: select once during prefill, never revive (decode attends to what prefill kept).
+    Static,
+}
+
+/// One pruning layer: after layer `layer`, keep `keep` of the tokens still alive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stage {
+    pub layer: usize,
+    pub keep: f32,
+}
+
+/// A validated pruning schedule for a model of `num_layers` layers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    /// The preset name or spec it was parsed from.
+    pub name: String,
+    pub mode: Mode,
+    pub stages: Vec<Stage>,
+    /// Max-pool scores over this many neighbouring positions (odd; 1 = off): keeps spans such
+    /// as the digits of a number together.
+    pub maxpool: usize,
+    /// Always keep the first `sinks` tokens (attention sinks).
+    pub sinks: usize,
+}
+
+/// Named presets, as fractions of depth so that they carry over to deeper or shallower
+/// models. On SmolLM2-135M (30 layers) `default` prunes after layers 18 and 24.
+const PRESETS: &[(&str, &[(f32, f32)])] = &[
+    ("off", &[]),
+    ("conservative", &[(0.7, 0.5), (0.83, 0.5)]),
+    ("default", &[(0.6, 0.5), (0.8, 0.5)]),
+    ("aggressive", &[(0.6, 0.3), (0.8, 0.5)]),
+];
+
+pub const PRESET_NAMES: &str = "off, conservative, default, aggressive";
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::InvalidParameter { field: "prune", reason: reason.into() }
+}
+
+impl Schedule {
+    /// Dense inference.
+    pub fn off() -> Self {
+        Self { name: "off".into(), mode: Mode::Lazy, stages: vec![], maxpool: 1, sinks: 0 }
+    }
+
+    pub fn is_dense(&self) -> bool {
+        self.stages.is_empty()
+    }
+
+    /// Parses a preset name or a spec: `[lazy:|random:|static:]LAYER:KEEP,...` followed by
+    /// options `+maxpool=K` and `+sinks=N`, for example `18:0.5,24:0.5+sinks=4`.
+    pub fn parse(spec: &str, num_layers: usize) -> Result<Self> {
+        let spec = spec.trim();
+        let mut parts = spec.split('+');
+        let head = parts.next().unwrap_or("");
+        let (mode, body) = match head.split_once(':') {
+            Some(("lazy", rest)) => (Mode::Lazy, rest),
+            Some(("random", rest)) => (Mode::Random, rest),
+            Some(("static", rest)) => (Mode::Static, rest),
+            _ => (Mode::Lazy, head),
+        };
+        let stages = if let Some((_, preset)) = PRESETS.iter().find(|(n, _)| *n == body) {
+            preset
+                .iter()
+                .map(|&(depth, keep)| Stage { layer: ((depth * num_layers as f32).round() as usize).min(num_layers.saturating_sub(2)), keep })
+                .collect()
+        } else if body.contains(':') {
+            body.split(',')
+                .map(|s| {
+                    let (l, k) = s.split_once(':').ok_or_else(|| bad(format!("stage {s:?} is not LAYER:KEEP")))?;
+                    let layer = l.trim().parse::<usize>().map_err(|_| bad(format!("layer {l:?} is not a number")))?;
+                    let keep = k.trim().parse::<f32>().map_err(|_| bad(format!("keep fraction {k:?} is not a number")))?;
+                    Ok(Stage { layer, keep })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            return Err(bad(format!("unknown preset {body:?} (presets: {PRESET_NAMES}; or LAYER:KEEP,...)")));
+        };
+        let mut schedule = Self { name: spec.to_string(), mode, stages, maxpool: 1, sinks: 0 };
+        for opt in parts {
+            let (k, v) = opt.split_once('=').ok_or_else(|| bad(format!("option {opt:?} is not NAME=VALUE")))?;
+            let v: usize = v.parse().map_err(|_| bad(format!("option {k} needs a whole number, got {v:?}")))?;
+            match k {
+                "maxpool" if v % 2 == 1 => schedule.maxpool = v,
+                "maxpool" => return Err(bad("maxpool must be odd")),
+                "sinks" => schedule.sinks = v,
+                _ => return Err(bad(format!("unknown option {k:?} (maxpool, sinks)"))),
+            }
+        }
+        schedule.validate(num_layers)?;
+        Ok(schedule)
+    }
+
+    fn validate(&self, num_layers: usize) -> Result<()> {
+        for (i, s) in self.stages.iter().enumerate() {
+            if s.layer + 1 >= num_layers {
+                return Err(bad(format!("pruning layer {} out of range: the model has layers 0..{} and the last cannot prune", s.layer, num_layers)));
+            }
+            if !(s.keep > 0.0 && s.keep <= 1.0) {
+                return Err(bad(format!("keep fraction {} outside (0, 1]", s.keep)));
+            }
+            if i > 0 && s.layer <= self.stages[i - 1].layer {
+                return Err(bad("pruning layers must be strictly increasing"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The keep fraction if `layer` prunes.
+    pub fn keep_after(&self, layer: usize) -> Option<f32> {
+        self.stages.iter().find(|s| s.layer == layer).map(|s| s.keep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_specs() -> Result<()> {
+        let d = Schedule::parse("default", 30)?;
+        assert_eq!(d.stages, vec![Stage { layer: 18, keep: 0.5 }, Stage { layer: 24, keep: 0.5 }]);
+        assert!(Schedule::parse("off", 30)?.is_dense());
+        let s = Schedule::parse("random:8:0.7,16:0.5,24:0.3+sinks=4+maxpool=5", 30)?;
+        assert_eq!(s.mode, Mode::Random);
+        assert_eq!(s.stages.len(), 3);
+        assert_eq!((s.sinks, s.maxpool), (4, 5));
+        assert_eq!(Schedule::parse("static:default", 30)?.mode, Mode::Static);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_schedules() {
+        for (spec, why) in [
+            ("30:0.5", "out of range"),
+            ("29:0.5", "out of range"),
+            ("10:0", "outside (0, 1]"),
+            ("10:1.5", "outside (0, 1]"),
+            ("20:0.5,10:0.5", "increasing"),
+            ("fast", "unknown preset"),
+            ("10:0.5+maxpool=4", "odd"),
+            ("10:0.5+window=3", "unknown option"),
+            ("x:0.5", "not a number"),
+        ] {
+            let err = Schedule::parse(spec, 30).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains("prune"), "{spec}: {err}");
+        }
+    }
+}
