@@ -1,6 +1,7 @@
-//! `lazyserve`: run the model locally (`generate`) and measure it (`bench`).
+//! `lazyserve`: run the model locally (`generate`) and measure it (`bench`, `bench-lazy`).
 
 mod bench;
+mod bench_lazy;
 mod generate;
 
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Prefill and decode timings at several prompt lengths, side by side with llama.cpp.
     Bench(bench::BenchArgs),
+    /// LazyLLM presets and baselines against dense: speed, tokens computed, passkey accuracy,
+    /// agreement with dense.
+    BenchLazy(bench_lazy::BenchLazyArgs),
 }
 
 /// How weights are held; see the README for the measured trade-off.
@@ -106,6 +110,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchLazy(args) => bench_lazy::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -56,17 +56,21 @@ impl Q8Matrix {
         self.quants.len() + self.scales.len() * 4
     }
 
-    /// `y = W x` for one f32 activation row, `y` of length `rows`. Activations are quantized
-    /// to int16 per block: 8-bit activations flip close top tokens of small models (their
-    /// outlier channels crush the other values of a block), 16 bits keep the f32 answer.
-    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+    /// `y[j] = W x[j]` for `n` f32 activation rows (`y` is `[n][rows]`). Activations are
+    /// quantized to int16 per block: 8-bit activations flip close top tokens of small models
+    /// (their outlier channels crush the other values of a block), 16 bits keep the f32
+    /// answer. Each weight row is read once for all activation rows.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let nb = self.cols / BLOCK;
-        let mut xq = vec![0i16; self.cols];
-        let mut xs = vec![0f32; nb];
-        quantize_row_i16(x, &mut xq, &mut xs);
+        let mut xq = vec![0i16; n * self.cols];
+        let mut xs = vec![0f32; n * nb];
+        for j in 0..n {
+            quantize_row_i16(&x[j * self.cols..(j + 1) * self.cols], &mut xq[j * self.cols..(j + 1) * self.cols], &mut xs[j * nb..(j + 1) * nb]);
+        }
         // Enough chunks for rayon to balance, large enough to amortise the fork.
         let chunk = (self.rows / (4 * rayon::current_num_threads())).max(64);
         let out = SendPtr(y.as_mut_ptr());
+        let rows = self.rows;
         (0..self.rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let r0 = c * chunk;
             let r1 = (r0 + chunk).min(self.rows);
@@ -74,8 +78,11 @@ impl Q8Matrix {
             for r in r0..r1 {
                 let q = &self.quants[r * self.cols..(r + 1) * self.cols];
                 let s = &self.scales[r * nb..(r + 1) * nb];
-                // SAFETY: rows r0..r1 belong to this task alone.
-                unsafe { *out.0.add(r) = dot_q8_i16(q, s, &xq, &xs) };
+                for j in 0..n {
+                    let d = dot_q8_i16(q, s, &xq[j * self.cols..(j + 1) * self.cols], &xs[j * nb..(j + 1) * nb]);
+                    // SAFETY: weight rows r0..r1 (of every output row) belong to this task alone.
+                    unsafe { *out.0.add(j * rows + r) = d };
+                }
             }
         });
     }
@@ -154,7 +161,7 @@ mod tests {
         let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
         let m = Q8Matrix::quantize(&w, rows, cols).expect("multiple of 32");
         let mut y = vec![0f32; rows];
-        m.matvec(&x, &mut y);
+        m.matmul(&x, 1, &mut y);
         for r in 0..rows {
             let deq = |c: usize| m.quants[r * cols + c] as f32 * m.scales[r * cols / BLOCK + c / BLOCK];
             let exact: f32 = (0..cols).map(|c| deq(c) * x[c]).sum();
