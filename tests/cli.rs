@@ -38,7 +38,7 @@ fn generate_json_answers() -> Result<()> {
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
     assert!(v["prompt_tokens"].as_u64().unwrap() > 10);
     assert!(!v["token_ids"].as_array().unwrap().is_empty());
-    for field in ["ttft_ms", "prefill_ms", "decode_ms_per_token"] {
+    for field in ["ttft_ms", "prefill_ms", "decode_ms_per_token", "computed_fraction", "kv_bytes", "aux_bytes"] {
         assert!(v[field].as_f64().is_some(), "{field} missing: {v}");
     }
     assert!(matches!(v["finish_reason"].as_str(), Some("eos" | "length" | "stop")));
@@ -132,6 +132,9 @@ fn bad_requests_are_refused() -> Result<()> {
         (vec!["--top-p", "1.5"], "top_p"),
         (vec!["--max-tokens", "0"], "max_tokens"),
         (vec!["--max-tokens", "100000"], "max_tokens"),
+        (vec!["--prune", "30:0.5"], "prune"),
+        (vec!["--prune", "18:0.5,12:0.5"], "prune"),
+        (vec!["--prune", "fastest"], "prune"),
     ] {
         let mut all = vec!["generate", "--prompt", "hi"];
         all.extend(args);

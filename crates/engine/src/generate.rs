@@ -85,6 +85,8 @@ pub struct Generation {
     pub computed_fraction: f64,
     /// Token-layers revived from the Aux Cache.
     pub revived_tokens: usize,
+    /// Tokens computed at each layer over the whole generation.
+    pub computed_per_layer: Vec<usize>,
     /// K/V and Aux Cache bytes held at the end.
     pub kv_bytes: usize,
     pub aux_bytes: usize,
@@ -227,6 +229,7 @@ fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str
         decode_per_token,
         computed_fraction: state.computed_fraction(),
         revived_tokens: state.stats.revived,
+        computed_per_layer: state.stats.computed.clone(),
         kv_bytes: state.kv_bytes(),
         aux_bytes: state.aux_bytes(),
     })

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
 use crate::kernels::linear::Linear;
-use crate::kernels::math::{add_assign, rms_norm, silu_mul};
+use crate::kernels::math::{add_assign, axpy, rms_norm, silu_mul};
 use crate::kernels::rope::Rope;
 use crate::{Error, Result};
 
@@ -306,8 +306,9 @@ impl Model {
     /// `kv.len()..` in order), and each attends to the key rows `keys` (all rows of `kv` when
     /// None; the new rows must be among them) at positions not after its own.
     ///
-    /// With `score_last`, also returns the LazyLLM importance of each key row (in `keys`
-    /// order, or row order): the last row's query attention probabilities averaged over heads.
+    /// With `score_queries = w > 0`, also returns the LazyLLM importance of each key row (in
+    /// `keys` order, or row order): the attention probabilities of the last `w` rows'
+    /// queries, averaged over heads and over those queries (w = 1 is the paper's score).
     pub fn layer_forward(
         &self,
         l: usize,
@@ -315,7 +316,7 @@ impl Model {
         positions: &[u32],
         kv: &mut LayerKv,
         keys: Option<&[u32]>,
-        score_last: bool,
+        score_queries: usize,
     ) -> Result<Option<Vec<f32>>> {
         let cfg = &self.cfg;
         let n = positions.len();
@@ -357,9 +358,15 @@ impl Model {
             kpos,
             &mut attn,
         );
-        let scores = score_last.then(|| {
-            let last = &qkv[(n - 1) * stride..(n - 1) * stride + qd];
-            query_scores(shape, last, positions[n - 1], KvRows { data: k.as_slice(), stride: kvd }, kpos)
+        let scores = (score_queries > 0).then(|| {
+            let w = score_queries.min(n);
+            let mut total = vec![0f32; kpos.len()];
+            for r in n - w..n {
+                let q = &qkv[r * stride..r * stride + qd];
+                let s = query_scores(shape, q, positions[r], KvRows { data: k.as_slice(), stride: kvd }, kpos);
+                axpy(&mut total, 1.0 / w as f32, &s);
+            }
+            total
         });
 
         let o = layer.self_attn.o.forward(&attn, n);
@@ -389,7 +396,7 @@ impl Model {
         let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
         let mut x = self.embed(tokens)?;
         for (l, kv) in cache.layers.iter_mut().enumerate() {
-            self.layer_forward(l, &mut x, &positions, kv, None, false)?;
+            self.layer_forward(l, &mut x, &positions, kv, None, 0)?;
         }
         let h = self.cfg.hidden_size;
         Ok(self.logits(&x[(tokens.len() - 1) * h..]))

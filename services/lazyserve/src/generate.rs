@@ -83,6 +83,7 @@ fn result_json(g: &Generation) -> serde_json::Value {
         "finish_reason": g.finish_reason,
         "computed_fraction": g.computed_fraction,
         "revived_tokens": g.revived_tokens,
+        "computed_per_layer": g.computed_per_layer,
         "kv_bytes": g.kv_bytes,
         "aux_bytes": g.aux_bytes,
     })

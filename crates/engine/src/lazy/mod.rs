@@ -38,6 +38,9 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
     let schedule = state.schedule.clone();
     // Static pruning selects during prefill only; decode attends to whatever has K/V.
     let selecting = !(schedule.mode == Mode::Static && !prefill);
+    // The observation window scores (and keeps) the last prompt tokens; decode uses its token.
+    let window = if prefill { schedule.window.min(new_tokens.len()) } else { 1 };
+    let first_forced = total - window as u32;
 
     // `alive`: positions alive at this layer, ascending. None means every position.
     let mut alive: Option<Vec<u32>> = None;
@@ -55,7 +58,8 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
             (Some(a), true) => Some(a.iter().map(|&p| layer.row_of[p as usize]).collect()),
             _ => None,
         };
-        let scores = model.layer_forward(l, &mut x, &compute, &mut layer.kv, keys.as_deref(), keep.is_some())?;
+        let score_queries = if keep.is_some() { window } else { 0 };
+        let scores = model.layer_forward(l, &mut x, &compute, &mut layer.kv, keys.as_deref(), score_queries)?;
         state.stats.computed[l] += compute.len();
 
         let Some(keep) = keep else { continue };
@@ -68,7 +72,7 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
             let mut rng = StdRng::seed_from_u64(state.seed ^ ((total as u64) << 20) ^ l as u64);
             scores.iter_mut().for_each(|s| *s = rng.random());
         }
-        let selected = select(&key_positions, &scores, keep, &schedule, last);
+        let selected = select(&key_positions, &scores, keep, &schedule, first_forced);
 
         // Tokens computed here that are dropped go to this layer's Aux Cache; the rest go on.
         let mut next_compute = Vec::with_capacity(compute.len());
@@ -117,8 +121,9 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
 pub(crate) const NONE: u32 = u32::MAX;
 
 /// The positions to keep: the top `keep` fraction by score (max-pooled over neighbours if
-/// asked), plus the sinks and the last token. Returned ascending.
-fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, last: u32) -> Vec<u32> {
+/// asked), plus the sinks and every position from `first_forced` on (the last token and the
+/// observation window). Returned ascending.
+fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, first_forced: u32) -> Vec<u32> {
     let mut pairs: Vec<(u32, f32)> = positions.iter().copied().zip(scores.iter().copied()).collect();
     pairs.sort_unstable_by_key(|(p, _)| *p);
     if schedule.maxpool > 1 {
@@ -130,7 +135,7 @@ fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, las
         }
     }
     let n_keep = ((keep * pairs.len() as f32).ceil() as usize).clamp(1, pairs.len());
-    let forced = |p: u32| p == last || (p as usize) < schedule.sinks;
+    let forced = |p: u32| p >= first_forced || (p as usize) < schedule.sinks;
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     // Forced tokens first, then by score (ties to the later position).
     order.sort_unstable_by(|&a, &b| {

@@ -37,6 +37,9 @@ pub struct Schedule {
     pub maxpool: usize,
     /// Always keep the first `sinks` tokens (attention sinks).
     pub sinks: usize,
+    /// Prefill scores average the attention of the last `window` prompt queries (an
+    /// observation window, always kept); decode steps score with their one new token.
+    pub window: usize,
 }
 
 /// Named presets, as fractions of depth so that they carry over to deeper or shallower
@@ -57,7 +60,7 @@ fn bad(reason: impl Into<String>) -> Error {
 impl Schedule {
     /// Dense inference.
     pub fn off() -> Self {
-        Self { name: "off".into(), mode: Mode::Lazy, stages: vec![], maxpool: 1, sinks: 0 }
+        Self { name: "off".into(), mode: Mode::Lazy, stages: vec![], maxpool: 1, sinks: 0, window: 1 }
     }
 
     pub fn is_dense(&self) -> bool {
@@ -65,7 +68,7 @@ impl Schedule {
     }
 
     /// Parses a preset name or a spec: `[lazy:|random:|static:]LAYER:KEEP,...` followed by
-    /// options `+maxpool=K` and `+sinks=N`, for example `18:0.5,24:0.5+sinks=4`.
+    /// options `+maxpool=K`, `+sinks=N` and `+window=W`, for example `18:0.5,24:0.5+sinks=4`.
     pub fn parse(spec: &str, num_layers: usize) -> Result<Self> {
         let spec = spec.trim();
         let mut parts = spec.split('+');
@@ -93,7 +96,7 @@ impl Schedule {
         } else {
             return Err(bad(format!("unknown preset {body:?} (presets: {PRESET_NAMES}; or LAYER:KEEP,...)")));
         };
-        let mut schedule = Self { name: spec.to_string(), mode, stages, maxpool: 1, sinks: 0 };
+        let mut schedule = Self { name: spec.to_string(), mode, stages, maxpool: 1, sinks: 0, window: 1 };
         for opt in parts {
             let (k, v) = opt.split_once('=').ok_or_else(|| bad(format!("option {opt:?} is not NAME=VALUE")))?;
             let v: usize = v.parse().map_err(|_| bad(format!("option {k} needs a whole number, got {v:?}")))?;
@@ -101,7 +104,9 @@ impl Schedule {
                 "maxpool" if v % 2 == 1 => schedule.maxpool = v,
                 "maxpool" => return Err(bad("maxpool must be odd")),
                 "sinks" => schedule.sinks = v,
-                _ => return Err(bad(format!("unknown option {k:?} (maxpool, sinks)"))),
+                "window" if v >= 1 => schedule.window = v,
+                "window" => return Err(bad("window must be at least 1")),
+                _ => return Err(bad(format!("unknown option {k:?} (maxpool, sinks, window)"))),
             }
         }
         schedule.validate(num_layers)?;
@@ -138,10 +143,10 @@ mod tests {
         let d = Schedule::parse("default", 30)?;
         assert_eq!(d.stages, vec![Stage { layer: 18, keep: 0.5 }, Stage { layer: 24, keep: 0.5 }]);
         assert!(Schedule::parse("off", 30)?.is_dense());
-        let s = Schedule::parse("random:8:0.7,16:0.5,24:0.3+sinks=4+maxpool=5", 30)?;
+        let s = Schedule::parse("random:8:0.7,16:0.5,24:0.3+sinks=4+maxpool=5+window=16", 30)?;
         assert_eq!(s.mode, Mode::Random);
         assert_eq!(s.stages.len(), 3);
-        assert_eq!((s.sinks, s.maxpool), (4, 5));
+        assert_eq!((s.sinks, s.maxpool, s.window), (4, 5, 16));
         assert_eq!(Schedule::parse("static:default", 30)?.mode, Mode::Static);
         Ok(())
     }
@@ -156,7 +161,8 @@ mod tests {
             ("20:0.5,10:0.5", "increasing"),
             ("fast", "unknown preset"),
             ("10:0.5+maxpool=4", "odd"),
-            ("10:0.5+window=3", "unknown option"),
+            ("10:0.5+depth=3", "unknown option"),
+            ("10:0.5+window=0", "at least 1"),
             ("x:0.5", "not a number"),
         ] {
             let err = Schedule::parse(spec, 30).unwrap_err().to_string();

@@ -423,6 +423,20 @@ mod tests {
         out
     }
 
+    /// Runs the kernel on `k`/`v` (as stored) and checks it against the naive attention on
+    /// `kf`/`vf` (the same values in f32).
+    fn check(shape: AttnShape, qpos: &[u32], kpos: &[u32], kv: (KvSlice<'_>, KvSlice<'_>), kf: &[f32], vf: &[f32]) {
+        let (qs, ks) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let q = data(qpos.len() * qs, qpos.len());
+        let mut out = vec![0f32; q.len()];
+        let rows = |data| KvRows { data, stride: ks };
+        causal_attention(shape, Rows { data: &q, stride: qs }, qpos, rows(kv.0), rows(kv.1), kpos, &mut out);
+        let want = naive(shape, &q, qpos, kf, vf, kpos);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
     #[test]
     fn matches_naive_with_gqa_and_scattered_positions() {
         let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16 };
@@ -431,23 +445,8 @@ mod tests {
         kpos.swap(3, 250);
         kpos.swap(100, 7);
         let qpos: Vec<u32> = vec![1, 2, 50, 51, 200, 333, 598, 599].into_iter().cycle().take(90).collect();
-        let q = data(qpos.len() * 96, 1);
-        let k = data(kpos.len() * 32, 2);
-        let v = data(kpos.len() * 32, 3);
-        let mut out = vec![0f32; q.len()];
-        causal_attention(
-            shape,
-            Rows { data: &q, stride: 96 },
-            &qpos,
-            KvRows { data: KvSlice::F32(&k), stride: 32 },
-            KvRows { data: KvSlice::F32(&v), stride: 32 },
-            &kpos,
-            &mut out,
-        );
-        let want = naive(shape, &q, &qpos, &k, &v, &kpos);
-        for (a, b) in out.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
+        let (k, v) = (data(kpos.len() * 32, 2), data(kpos.len() * 32, 3));
+        check(shape, &qpos, &kpos, (KvSlice::F32(&k), KvSlice::F32(&v)), &k, &v);
     }
 
     #[test]
@@ -455,24 +454,9 @@ mod tests {
         let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16 };
         let mut kpos: Vec<u32> = (0..700).collect();
         kpos.swap(10, 600);
+        let (k, v) = (data(kpos.len() * 32, 2), data(kpos.len() * 32, 3));
         for qpos in [vec![699u32], vec![5, 650, 699]] {
-            let q = data(qpos.len() * 96, 4);
-            let k = data(kpos.len() * 32, 2);
-            let v = data(kpos.len() * 32, 3);
-            let mut out = vec![0f32; q.len()];
-            causal_attention(
-                shape,
-                Rows { data: &q, stride: 96 },
-                &qpos,
-                KvRows { data: KvSlice::F32(&k), stride: 32 },
-                KvRows { data: KvSlice::F32(&v), stride: 32 },
-                &kpos,
-                &mut out,
-            );
-            let want = naive(shape, &q, &qpos, &k, &v, &kpos);
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
+            check(shape, &qpos, &kpos, (KvSlice::F32(&k), KvSlice::F32(&v)), &k, &v);
         }
     }
 
@@ -489,21 +473,7 @@ mod tests {
         let (kh, kr) = round(data(300 * 128, 2));
         let (vh, vr) = round(data(300 * 128, 3));
         for qpos in [vec![299u32], (200..300).collect()] {
-            let q = data(qpos.len() * 384, 7);
-            let mut out = vec![0f32; q.len()];
-            causal_attention(
-                shape,
-                Rows { data: &q, stride: 384 },
-                &qpos,
-                KvRows { data: KvSlice::F16(&kh), stride: 128 },
-                KvRows { data: KvSlice::F16(&vh), stride: 128 },
-                &kpos,
-                &mut out,
-            );
-            let want = naive(shape, &q, &qpos, &kr, &vr, &kpos);
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
+            check(shape, &qpos, &kpos, (KvSlice::F16(&kh), KvSlice::F16(&vh)), &kr, &vr);
         }
     }
 
