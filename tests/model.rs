@@ -139,3 +139,76 @@ fn incremental_decoding_matches_recompute() -> Result<()> {
     assert!(max_diff < 1e-4, "incremental vs whole differ by {max_diff}");
     Ok(())
 }
+
+/// The GGUF file converted to a Hugging Face folder (safetensors with the Hugging Face q/k
+/// row order, config.json, tokenizer.json, tokenizer_config.json) loads and computes the same.
+#[test]
+fn hf_folder_matches_gguf() -> Result<()> {
+    let m = smollm()?;
+    let cfg = m.model.config().clone();
+    let dir = std::env::temp_dir().join(format!("lazyserve-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut reader = std::fs::File::open(model_path())?;
+    let content = gguf_file::Content::read(&mut reader)?;
+    let hf_name = |g: &str| -> Option<String> {
+        let fixed = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight")];
+        if let Some((_, h)) = fixed.iter().find(|(k, _)| *k == g) {
+            return Some(h.to_string());
+        }
+        let rest = g.strip_prefix("blk.")?;
+        let (layer, name) = rest.split_once('.')?;
+        let module = match name.strip_suffix(".weight")? {
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        Some(format!("model.layers.{layer}.{module}.weight"))
+    };
+    let d = cfg.head_dim;
+    let mut tensors = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let hf = hf_name(name).unwrap_or_else(|| panic!("unmapped tensor {name}"));
+        // llama.cpp stores q/k rows of each head interleaved (2i, 2i+1); Hugging Face uses halves.
+        let t = if name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight") {
+            let (rows, cols) = t.dims2()?;
+            t.reshape((rows / d, d / 2, 2, cols))?.transpose(1, 2)?.reshape((rows, cols))?.contiguous()?
+        } else {
+            t
+        };
+        tensors.insert(hf, t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": true,
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    m.tokenizer.save_json(&dir.join("tokenizer.json"))?;
+    let template = content.metadata["tokenizer.chat_template"].to_string()?.clone();
+    let tc = serde_json::json!({"chat_template": template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string())?;
+
+    let hf = load(&dir, WeightFormat::F32)?;
+    std::fs::remove_dir_all(&dir)?;
+    let prompt = chat(&m, "Name the largest planet of the solar system.")?;
+    assert_eq!(chat(&hf, "Name the largest planet of the solar system.")?, prompt);
+    assert_eq!(hf.tokenizer.eos_ids(), &[2]);
+    let a = m.model.forward(&prompt, &mut KvCache::new(m.model.config(), KvDtype::F32))?;
+    let b = hf.model.forward(&prompt, &mut KvCache::new(hf.model.config(), KvDtype::F32))?;
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-3, "GGUF and Hugging Face logits differ by {diff}");
+    Ok(())
+}
