@@ -27,6 +27,9 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
     let cfg = model.config();
     let (h, num_layers) = (cfg.hidden_size, cfg.num_hidden_layers);
     let start = state.tokens.len();
+    if new_tokens.is_empty() {
+        return Err(crate::Error::InvalidParameter { field: "prompt", reason: "no tokens to run".into() });
+    }
     if start + new_tokens.len() > cfg.max_position_embeddings {
         return Err(lazyserve_model::Error::ContextOverflow { tokens: start + new_tokens.len(), max: cfg.max_position_embeddings }.into());
     }
