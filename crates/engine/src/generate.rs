@@ -4,10 +4,9 @@
 use std::time::{Duration, Instant};
 
 use lazyserve_model::{KvCache, KvDtype, LoadedModel, Model, Tokenizer};
-
-use crate::lazy::{self, Schedule, SequenceState};
 use serde::{Deserialize, Serialize};
 
+use crate::lazy::{self, Schedule, SequenceState};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Result};
 
@@ -50,7 +49,10 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     pub fn validate(&self, model: &Model) -> Result<()> {
         if self.prompt_ids.is_empty() {
-            return Err(Error::InvalidParameter { field: "prompt", reason: "is empty".into() });
+            return Err(Error::InvalidParameter {
+                field: "prompt",
+                reason: "is empty".into(),
+            });
         }
         if self.max_tokens == 0 || self.max_tokens > MAX_NEW_TOKENS {
             return Err(Error::InvalidParameter {
@@ -59,12 +61,18 @@ impl GenerateRequest {
             });
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidParameter { field: "stop", reason: "stop strings must not be empty".into() });
+            return Err(Error::InvalidParameter {
+                field: "stop",
+                reason: "stop strings must not be empty".into(),
+            });
         }
         let max = model.config().max_position_embeddings;
         // The prompt plus at least the first generated token must fit.
         if self.prompt_ids.len() + 1 > max {
-            return Err(Error::PromptTooLong { tokens: self.prompt_ids.len(), max: max - 1 });
+            return Err(Error::PromptTooLong {
+                tokens: self.prompt_ids.len(),
+                max: max - 1,
+            });
         }
         self.sampling.validate()
     }
@@ -106,7 +114,10 @@ impl TextStream {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             Ok(full[prefix.len()..].to_string())
@@ -125,12 +136,18 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.to_vec(), longest: stops.iter().map(String::len).max().unwrap_or(0) }
+        Self {
+            stops: stops.to_vec(),
+            longest: stops.iter().map(String::len).max().unwrap_or(0),
+        }
     }
 
     /// Byte offset where the earliest stop string starts in `text`, if any.
     pub fn find(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     }
 
     /// Length of the prefix of `text` that no later text can turn into a stop string.
@@ -154,7 +171,12 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(loaded: LoadedModel, kv_dtype: KvDtype) -> Self {
-        Self { name: loaded.name, model: loaded.model, tokenizer: loaded.tokenizer, kv_dtype }
+        Self {
+            name: loaded.name,
+            model: loaded.model,
+            tokenizer: loaded.tokenizer,
+            kv_dtype,
+        }
     }
 
     /// An empty KV cache for one sequence.
@@ -169,70 +191,81 @@ impl Engine {
 
     /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
     /// may return false to cancel (the generation then ends as it stands).
-    pub fn generate(&self, req: &GenerateRequest, on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
-        generate(self, req, on_text)
-    }
-}
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let (model, tokenizer) = (&self.model, &self.tokenizer);
+        req.validate(model)?;
+        let start = Instant::now();
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let mut state = SequenceState::new(
+            model,
+            req.schedule.clone(),
+            self.kv_dtype,
+            req.sampling.seed,
+        );
+        let logits = lazy::step(model, &mut state, &req.prompt_ids)?;
+        let prefill = start.elapsed();
+        let mut next = sampler.sample(&logits);
+        let ttft = start.elapsed();
 
-fn generate(engine: &Engine, req: &GenerateRequest, mut on_text: impl FnMut(&str) -> bool) -> Result<Generation> {
-    let (model, tokenizer) = (&engine.model, &engine.tokenizer);
-    req.validate(model)?;
-    let start = Instant::now();
-    let mut sampler = Sampler::new(req.sampling.clone())?;
-    let mut state = SequenceState::new(model, req.schedule.clone(), engine.kv_dtype, req.sampling.seed);
-    let logits = lazy::step(model, &mut state, &req.prompt_ids)?;
-    let prefill = start.elapsed();
-    let mut next = sampler.sample(&logits);
-    let ttft = start.elapsed();
-
-    let max_ctx = model.config().max_position_embeddings;
-    let stops = StopMatcher::new(&req.stop);
-    let mut stream = TextStream::default();
-    let (mut text, mut emitted) = (String::new(), 0usize);
-    let mut token_ids = Vec::new();
-    let decode_start = Instant::now();
-    let finish_reason = loop {
-        if tokenizer.eos_ids().contains(&next) {
-            break FinishReason::Eos;
-        }
-        token_ids.push(next);
-        text.push_str(&stream.push(tokenizer, next)?);
-        if let Some(at) = stops.find(&text) {
-            text.truncate(at);
-            break FinishReason::Stop;
-        }
-        let safe = stops.safe_len(&text);
-        if safe > emitted {
-            if !on_text(&text[emitted..safe]) {
+        let max_ctx = model.config().max_position_embeddings;
+        let stops = StopMatcher::new(&req.stop);
+        let mut stream = TextStream::default();
+        let (mut text, mut emitted) = (String::new(), 0usize);
+        let mut token_ids = Vec::new();
+        let decode_start = Instant::now();
+        let finish_reason = loop {
+            if tokenizer.eos_ids().contains(&next) {
+                break FinishReason::Eos;
+            }
+            token_ids.push(next);
+            text.push_str(&stream.push(tokenizer, next)?);
+            if let Some(at) = stops.find(&text) {
+                text.truncate(at);
                 break FinishReason::Stop;
             }
-            emitted = safe;
+            let safe = stops.safe_len(&text);
+            if safe > emitted {
+                if !on_text(&text[emitted..safe]) {
+                    break FinishReason::Stop;
+                }
+                emitted = safe;
+            }
+            if token_ids.len() >= req.max_tokens
+                || req.prompt_ids.len() + token_ids.len() >= max_ctx
+            {
+                break FinishReason::Length;
+            }
+            let logits = lazy::step(model, &mut state, &[next])?;
+            next = sampler.sample(&logits);
+        };
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
         }
-        if token_ids.len() >= req.max_tokens || req.prompt_ids.len() + token_ids.len() >= max_ctx {
-            break FinishReason::Length;
-        }
-        let logits = lazy::step(model, &mut state, &[next])?;
-        next = sampler.sample(&logits);
-    };
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+        let steps = token_ids.len().saturating_sub(1) as u32;
+        let decode_per_token = if steps > 0 {
+            decode_start.elapsed() / steps
+        } else {
+            Duration::ZERO
+        };
+        Ok(Generation {
+            text,
+            token_ids,
+            prompt_tokens: req.prompt_ids.len(),
+            finish_reason,
+            ttft,
+            prefill,
+            decode_per_token,
+            computed_fraction: state.computed_fraction(),
+            revived_tokens: state.stats.revived,
+            computed_per_layer: state.stats.computed.clone(),
+            kv_bytes: state.kv_bytes(),
+            aux_bytes: state.aux_bytes(),
+        })
     }
-    let steps = token_ids.len().saturating_sub(1) as u32;
-    let decode_per_token = if steps > 0 { decode_start.elapsed() / steps } else { Duration::ZERO };
-    Ok(Generation {
-        text,
-        token_ids,
-        prompt_tokens: req.prompt_ids.len(),
-        finish_reason,
-        ttft,
-        prefill,
-        decode_per_token,
-        computed_fraction: state.computed_fraction(),
-        revived_tokens: state.stats.revived,
-        computed_per_layer: state.stats.computed.clone(),
-        kv_bytes: state.kv_bytes(),
-        aux_bytes: state.aux_bytes(),
-    })
 }
 
 #[cfg(test)]

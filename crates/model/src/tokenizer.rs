@@ -181,14 +181,6 @@ impl Tokenizer {
         &self.eos
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
-    }
-
     /// Renders the chat template (with the generation prompt appended).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self
