@@ -25,6 +25,7 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+pub mod cluster;
 pub mod reference;
 
 /// A tiny Llama with random weights (deterministic), for fast algorithm tests.
@@ -68,4 +69,23 @@ pub fn tiny_model() -> lazyserve_model::Model {
     }
     let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
     lazyserve_model::Model::new(&cfg, vb, lazyserve_model::WeightFormat::F32).expect("tiny model")
+}
+
+/// The Python with grpcio that the client tests use: `.venv-grpc`, made from
+/// tests/python/requirements.txt when it is missing (scripts/test.sh makes it first).
+pub fn python_grpc() -> PathBuf {
+    let root = repo_root();
+    let python = root.join(".venv-grpc/bin/python");
+    let ready = || {
+        std::process::Command::new(&python)
+            .args(["-c", "import grpc_tools, grpc_health, grpc_reflection"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready() {
+        let run = |cmd: &mut std::process::Command| assert!(cmd.status().expect("runs").success(), "{cmd:?} failed");
+        run(std::process::Command::new("python3").args(["-m", "venv"]).arg(root.join(".venv-grpc")));
+        run(std::process::Command::new(&python).args(["-m", "pip", "install", "-q", "-r"]).arg(root.join("tests/python/requirements.txt")));
+    }
+    python
 }

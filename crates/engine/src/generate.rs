@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use lazyserve_model::{KvCache, KvDtype, LoadedModel, Model, Tokenizer};
+use lazyserve_model::{Config, KvCache, KvDtype, LoadedModel, Model, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::lazy::{self, Schedule, SequenceState};
+use crate::lazy::{self, LayerState, Schedule, SequenceState};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Result};
 
@@ -47,7 +47,7 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
-    pub fn validate(&self, model: &Model) -> Result<()> {
+    pub fn validate(&self, cfg: &Config) -> Result<()> {
         if self.prompt_ids.is_empty() {
             return Err(Error::InvalidParameter {
                 field: "prompt",
@@ -66,7 +66,7 @@ impl GenerateRequest {
                 reason: "stop strings must not be empty".into(),
             });
         }
-        let max = model.config().max_position_embeddings;
+        let max = cfg.max_position_embeddings;
         // The prompt plus at least the first generated token must fit.
         if self.prompt_ids.len() + 1 > max {
             return Err(Error::PromptTooLong {
@@ -160,6 +160,85 @@ impl StopMatcher {
     }
 }
 
+/// What a request has produced so far: detokenizes, finds stop strings and decides when
+/// generation ends. The in-process loop and the router share it, so both end alike.
+pub struct Output<'a> {
+    tokenizer: &'a Tokenizer,
+    stops: StopMatcher,
+    stream: TextStream,
+    text: String,
+    emitted: usize,
+    token_ids: Vec<u32>,
+    max_tokens: usize,
+    /// Tokens that still fit the context after the prompt.
+    room: usize,
+}
+
+/// What one token changed: text now safe to show, and whether generation ended.
+#[derive(Debug, Default)]
+pub struct OutputStep {
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+impl<'a> Output<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, stop: &[String], max_tokens: usize, prompt_len: usize, max_context: usize) -> Self {
+        Self {
+            tokenizer,
+            stops: StopMatcher::new(stop),
+            stream: TextStream::default(),
+            text: String::new(),
+            emitted: 0,
+            token_ids: Vec::new(),
+            max_tokens,
+            room: max_context.saturating_sub(prompt_len),
+        }
+    }
+
+    /// Takes the next generated token.
+    pub fn push(&mut self, id: u32) -> Result<OutputStep> {
+        if self.tokenizer.eos_ids().contains(&id) {
+            return Ok(self.finish(FinishReason::Eos));
+        }
+        self.token_ids.push(id);
+        let delta = self.stream.push(self.tokenizer, id)?;
+        self.text.push_str(&delta);
+        if let Some(at) = self.stops.find(&self.text) {
+            self.text.truncate(at);
+            return Ok(self.finish(FinishReason::Stop));
+        }
+        if self.token_ids.len() >= self.max_tokens.min(self.room) {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let safe = self.stops.safe_len(&self.text);
+        let text = self.text[self.emitted..safe.max(self.emitted)].to_string();
+        self.emitted = self.emitted.max(safe);
+        Ok(OutputStep { text, finish: None })
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> OutputStep {
+        let text = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        OutputStep { text, finish: Some(reason) }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn token_ids(&self) -> &[u32] {
+        &self.token_ids
+    }
+}
+
+/// A prompt after prefill: the state to decode from, and the first token.
+pub struct Prefilled {
+    pub state: SequenceState,
+    pub first_token: u32,
+    /// Compute time, sampling included.
+    pub prefill: Duration,
+}
+
 /// A loaded model with the settings every request shares.
 pub struct Engine {
     pub name: String,
@@ -189,6 +268,28 @@ impl Engine {
         Schedule::parse(spec, self.model.config().num_hidden_layers)
     }
 
+    /// Runs a prompt through the model under `schedule` and samples the first token;
+    /// `on_layer` sees each layer's state as soon as that layer is done.
+    pub fn prefill(
+        &self,
+        prompt_ids: &[u32],
+        schedule: Schedule,
+        sampler: &mut Sampler,
+        on_layer: &mut dyn FnMut(usize, &LayerState) -> Result<()>,
+    ) -> Result<Prefilled> {
+        let start = Instant::now();
+        let mut state = SequenceState::new(&self.model, schedule, self.kv_dtype, sampler.params().seed);
+        let logits = lazy::step_with(&self.model, &mut state, prompt_ids, on_layer)?;
+        let first_token = sampler.sample(&logits);
+        Ok(Prefilled { state, first_token, prefill: start.elapsed() })
+    }
+
+    /// Runs `token`, the last one sampled, and samples the next.
+    pub fn decode_step(&self, state: &mut SequenceState, sampler: &mut Sampler, token: u32) -> Result<u32> {
+        let logits = lazy::step(&self.model, state, &[token])?;
+        Ok(sampler.sample(&logits))
+    }
+
     /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
     /// may return false to cancel (the generation then ends as it stands).
     pub fn generate(
@@ -196,67 +297,32 @@ impl Engine {
         req: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let (model, tokenizer) = (&self.model, &self.tokenizer);
-        req.validate(model)?;
-        let start = Instant::now();
+        req.validate(self.model.config())?;
         let mut sampler = Sampler::new(req.sampling.clone())?;
-        let mut state = SequenceState::new(
-            model,
-            req.schedule.clone(),
-            self.kv_dtype,
-            req.sampling.seed,
-        );
-        let logits = lazy::step(model, &mut state, &req.prompt_ids)?;
-        let prefill = start.elapsed();
-        let mut next = sampler.sample(&logits);
-        let ttft = start.elapsed();
-
-        let max_ctx = model.config().max_position_embeddings;
-        let stops = StopMatcher::new(&req.stop);
-        let mut stream = TextStream::default();
-        let (mut text, mut emitted) = (String::new(), 0usize);
-        let mut token_ids = Vec::new();
+        let Prefilled { mut state, first_token, prefill } =
+            self.prefill(&req.prompt_ids, req.schedule.clone(), &mut sampler, &mut |_, _| Ok(()))?;
+        let max_ctx = self.model.config().max_position_embeddings;
+        let mut out = Output::new(&self.tokenizer, &req.stop, req.max_tokens, req.prompt_ids.len(), max_ctx);
         let decode_start = Instant::now();
+        let mut next = first_token;
         let finish_reason = loop {
-            if tokenizer.eos_ids().contains(&next) {
-                break FinishReason::Eos;
-            }
-            token_ids.push(next);
-            text.push_str(&stream.push(tokenizer, next)?);
-            if let Some(at) = stops.find(&text) {
-                text.truncate(at);
+            let step = out.push(next)?;
+            if !step.text.is_empty() && !on_text(&step.text) {
                 break FinishReason::Stop;
             }
-            let safe = stops.safe_len(&text);
-            if safe > emitted {
-                if !on_text(&text[emitted..safe]) {
-                    break FinishReason::Stop;
-                }
-                emitted = safe;
+            if let Some(reason) = step.finish {
+                break reason;
             }
-            if token_ids.len() >= req.max_tokens
-                || req.prompt_ids.len() + token_ids.len() >= max_ctx
-            {
-                break FinishReason::Length;
-            }
-            let logits = lazy::step(model, &mut state, &[next])?;
-            next = sampler.sample(&logits);
+            next = self.decode_step(&mut state, &mut sampler, next)?;
         };
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
-        }
-        let steps = token_ids.len().saturating_sub(1) as u32;
-        let decode_per_token = if steps > 0 {
-            decode_start.elapsed() / steps
-        } else {
-            Duration::ZERO
-        };
+        let steps = out.token_ids().len().saturating_sub(1) as u32;
+        let decode_per_token = if steps > 0 { decode_start.elapsed() / steps } else { Duration::ZERO };
         Ok(Generation {
-            text,
-            token_ids,
+            text: out.text().to_string(),
+            token_ids: out.token_ids().to_vec(),
             prompt_tokens: req.prompt_ids.len(),
             finish_reason,
-            ttft,
+            ttft: prefill,
             prefill,
             decode_per_token,
             computed_fraction: state.computed_fraction(),

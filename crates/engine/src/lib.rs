@@ -4,7 +4,10 @@ mod generate;
 pub mod lazy;
 pub mod sampling;
 
-pub use generate::{Engine, FinishReason, GenerateRequest, Generation, StopMatcher, TextStream, MAX_NEW_TOKENS};
+pub use generate::{
+    Engine, FinishReason, GenerateRequest, Generation, Output, OutputStep, Prefilled, StopMatcher, TextStream,
+    MAX_NEW_TOKENS,
+};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of a generation request.
@@ -16,6 +19,10 @@ pub enum Error {
     PromptTooLong { tokens: usize, max: usize },
     #[error(transparent)]
     Model(#[from] lazyserve_model::Error),
+    #[error("invalid sequence state: {0}")]
+    InvalidState(String),
+    #[error("cancelled")]
+    Cancelled,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }

@@ -52,6 +52,26 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
+    /// The sampler as it stands after `sampled` tokens were drawn with these params: how a
+    /// decode worker continues the sequence a prefill worker started.
+    pub fn after(params: SamplingParams, sampled: usize) -> Result<Self> {
+        let mut s = Self::new(params)?;
+        if !s.is_greedy() {
+            for _ in 0..sampled {
+                s.rng.random::<f32>();
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == 1
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let greedy = || {
             logits
@@ -60,7 +80,7 @@ impl Sampler {
                 .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
                 .0 as u32
         };
-        if self.params.temperature == 0.0 || self.params.top_k == 1 {
+        if self.is_greedy() {
             return greedy();
         }
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -129,6 +149,20 @@ mod tests {
         let (mut a, mut b) = (Sampler::new(p.clone())?, Sampler::new(p)?);
         let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits)).collect();
         let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits)).collect();
+        assert_eq!(xs, ys);
+        Ok(())
+    }
+
+    #[test]
+    fn after_continues_where_another_sampler_stopped() -> Result<()> {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let p = SamplingParams { temperature: 0.9, seed: 3, ..Default::default() };
+        let mut whole = Sampler::new(p.clone())?;
+        let xs: Vec<u32> = (0..12).map(|_| whole.sample(&logits)).collect();
+        let mut first = Sampler::new(p.clone())?;
+        let mut ys = vec![first.sample(&logits)];
+        let mut rest = Sampler::after(p, 1)?;
+        ys.extend((0..11).map(|_| rest.sample(&logits)));
         assert_eq!(xs, ys);
         Ok(())
     }

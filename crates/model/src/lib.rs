@@ -25,16 +25,35 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
 }
 
-/// Loads a GGUF file or a Hugging Face checkpoint folder.
-pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
+/// A checkpoint's id, hyper-parameters and tokenizer, without its weights: what a router
+/// needs to tokenize and validate requests.
+pub struct ModelMeta {
+    pub name: String,
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+}
+
+fn open(path: &Path) -> Result<(Checkpoint, ModelMeta)> {
     let ckpt = Checkpoint::open(path)?;
-    let cfg = ckpt.config()?;
+    let config = ckpt.config()?;
     let tokenizer = match &ckpt {
         Checkpoint::Gguf { content, .. } => Tokenizer::from_gguf(content)?,
         Checkpoint::HfFolder { dir, .. } => Tokenizer::from_hf_folder(dir)?,
     };
+    let name = ckpt.name();
+    Ok((ckpt, ModelMeta { name, config, tokenizer }))
+}
+
+/// Reads a checkpoint's metadata and tokenizer; the weights stay on disk.
+pub fn load_meta(path: &Path) -> Result<ModelMeta> {
+    Ok(open(path)?.1)
+}
+
+/// Loads a GGUF file or a Hugging Face checkpoint folder.
+pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
+    let (ckpt, ModelMeta { name, config: cfg, tokenizer }) = open(path)?;
     let model = Model::new(&cfg, ckpt.var_builder()?, format)?;
-    tracing::info!(model = %ckpt.name(), layers = cfg.num_hidden_layers, hidden = cfg.hidden_size,
+    tracing::info!(model = %name, layers = cfg.num_hidden_layers, hidden = cfg.hidden_size,
         context = cfg.max_position_embeddings, weight_mib = model.weight_bytes() >> 20, ?format, "model loaded");
-    Ok(LoadedModel { name: ckpt.name(), model, tokenizer })
+    Ok(LoadedModel { name, model, tokenizer })
 }

@@ -13,7 +13,7 @@ mod schedule;
 mod state;
 
 pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
-pub use state::{AuxCache, LazyStats, SequenceState};
+pub use state::{AuxCache, LayerState, LazyStats, SequenceState};
 
 use lazyserve_model::Model;
 use rand::rngs::StdRng;
@@ -24,6 +24,18 @@ use crate::Result;
 /// Runs `new_tokens` (appended after the state's tokens) through the model under the
 /// state's schedule; returns the logits of the last token.
 pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Result<Vec<f32>> {
+    step_with(model, state, new_tokens, &mut |_, _| Ok(()))
+}
+
+/// [`step`], calling `on_layer(l, layer)` as soon as layer `l` is done for this step: its
+/// K/V and Aux Cache will not change again in this step, so a prefill worker can ship them
+/// while later layers compute. An error from `on_layer` ends the step with that error.
+pub fn step_with(
+    model: &Model,
+    state: &mut SequenceState,
+    new_tokens: &[u32],
+    on_layer: &mut dyn FnMut(usize, &LayerState) -> Result<()>,
+) -> Result<Vec<f32>> {
     let cfg = model.config();
     let (h, num_layers) = (cfg.hidden_size, cfg.num_hidden_layers);
     let start = state.tokens.len();
@@ -65,7 +77,10 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
         let scores = model.layer_forward(l, &mut x, &compute, &mut layer.kv, keys.as_deref(), score_queries)?;
         state.stats.computed[l] += compute.len();
 
-        let Some(keep) = keep else { continue };
+        let Some(keep) = keep else {
+            on_layer(l, &state.layers[l])?;
+            continue;
+        };
         let key_positions: Vec<u32> = match &keys {
             Some(rows) => rows.iter().map(|&r| layer.kv.positions[r as usize]).collect(),
             None => layer.kv.positions.clone(),
@@ -115,6 +130,7 @@ pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Res
         compute = next_compute;
         x = next_x;
         alive = Some(selected);
+        on_layer(l, &state.layers[l])?;
     }
     debug_assert_eq!(compute.last(), Some(&last));
     Ok(model.logits(&x[x.len() - h..]))

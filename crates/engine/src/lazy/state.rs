@@ -4,7 +4,8 @@
 use lazyserve_model::{KvDtype, LayerKv, Model};
 use serde::Serialize;
 
-use super::{Schedule, NONE};
+use super::{Mode, Schedule, NONE};
+use crate::{Error, Result};
 
 /// Hidden states of tokens dropped after one layer, waiting to be revived there.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -19,6 +20,18 @@ pub struct AuxCache {
 impl AuxCache {
     fn new(width: usize) -> Self {
         Self { positions: Vec::new(), hidden: Vec::new(), width }
+    }
+
+    /// An Aux Cache of `positions.len()` rows of `width` values each.
+    pub fn from_rows(width: usize, positions: Vec<u32>, hidden: Vec<f32>) -> Result<Self> {
+        if hidden.len() != positions.len() * width {
+            return Err(Error::InvalidState(format!(
+                "Aux Cache has {} values for {} rows of {width}",
+                hidden.len(),
+                positions.len()
+            )));
+        }
+        Ok(Self { positions, hidden, width })
     }
 
     pub fn len(&self) -> usize {
@@ -97,6 +110,72 @@ impl SequenceState {
             layers: vec![layer; cfg.num_hidden_layers],
             stats: LazyStats { computed: vec![0; cfg.num_hidden_layers], revived: 0 },
         }
+    }
+
+    /// Rebuilds a prefilled state received from another worker from its tokens and, per
+    /// layer, its K/V and Aux Cache. Refuses a state that decoding could not continue: rows
+    /// out of range or repeated, or a token that neither flows up nor waits in an Aux Cache.
+    pub fn restore(
+        model: &Model,
+        tokens: Vec<u32>,
+        schedule: Schedule,
+        seed: u64,
+        layers: Vec<(LayerKv, AuxCache)>,
+    ) -> Result<Self> {
+        let cfg = model.config();
+        let n = tokens.len();
+        if n == 0 || n >= cfg.max_position_embeddings {
+            return Err(Error::InvalidState(format!("{n} tokens, expected 1..{}", cfg.max_position_embeddings)));
+        }
+        if layers.len() != cfg.num_hidden_layers {
+            return Err(Error::InvalidState(format!("{} layers, the model has {}", layers.len(), cfg.num_hidden_layers)));
+        }
+        let kv_width = cfg.num_key_value_heads * cfg.head_dim;
+        let mut state = Self::new(model, schedule, layers[0].0.k.dtype(), seed);
+        state.push_tokens(&tokens);
+        for (l, (kv, aux)) in layers.into_iter().enumerate() {
+            let rows = kv.positions.len();
+            if kv.k.len() != rows * kv_width || kv.v.len() != rows * kv_width || kv.k.dtype() != kv.v.dtype() {
+                return Err(Error::InvalidState(format!("layer {l}: K/V sizes do not match {rows} rows")));
+            }
+            if aux.width != cfg.hidden_size {
+                return Err(Error::InvalidState(format!("layer {l}: Aux Cache rows are not {} wide", cfg.hidden_size)));
+            }
+            let layer = &mut state.layers[l];
+            for (r, &p) in kv.positions.iter().enumerate() {
+                match layer.row_of.get_mut(p as usize) {
+                    Some(slot) if *slot == NONE => *slot = r as u32,
+                    _ => return Err(Error::InvalidState(format!("layer {l}: K/V position {p} out of range or repeated"))),
+                }
+            }
+            state.stats.computed[l] = rows;
+            layer.kv = kv;
+            layer.aux = aux;
+        }
+        // Every position starts at layer 0; one with K/V at a layer goes on to the next
+        // layer or waits in this layer's Aux Cache (static pruning drops it for good).
+        if let Some(p) = (0..n as u32).find(|&p| !state.has_kv(0, p)) {
+            return Err(Error::InvalidState(format!("position {p} has no K/V at layer 0")));
+        }
+        for l in 0..state.layers.len() - 1 {
+            let mut waiting = vec![false; n];
+            for &p in &state.layers[l].aux.positions {
+                let ok = (p as usize) < n && !std::mem::replace(&mut waiting[p as usize], true);
+                if !ok || !state.has_kv(l, p) || state.has_kv(l + 1, p) {
+                    return Err(Error::InvalidState(format!("layer {l}: Aux Cache position {p} is not a token dropped there")));
+                }
+            }
+            for p in 0..n as u32 {
+                let up = state.has_kv(l + 1, p);
+                if up && !state.has_kv(l, p) {
+                    return Err(Error::InvalidState(format!("position {p} has K/V at layer {} but not at {l}", l + 1)));
+                }
+                if state.has_kv(l, p) && !up && !waiting[p as usize] && state.schedule.mode != Mode::Static {
+                    return Err(Error::InvalidState(format!("layer {l}: position {p} was dropped without an Aux Cache row")));
+                }
+            }
+        }
+        Ok(state)
     }
 
     pub(crate) fn push_tokens(&mut self, tokens: &[u32]) {

@@ -1,0 +1,186 @@
+//! Command-line flags and environment variables of every service, in one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use lazyserve_engine::Engine;
+use lazyserve_model::{KvDtype, WeightFormat};
+use lazyserve_proto::v1::StateEncoding;
+
+/// The model `scripts/fetch-model.sh` fetches.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// How weights are held; see the README for the measured trade-off.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Weights {
+    /// f32 for everything (reference numerics).
+    F32,
+    /// f32 for prompts, Q8_0 (weight-only) for decode steps: faster decode.
+    Q8Decode,
+}
+
+impl From<Weights> for WeightFormat {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::F32 => WeightFormat::F32,
+            Weights::Q8Decode => WeightFormat::Q8Decode,
+        }
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KvType {
+    /// Exact.
+    F32,
+    /// Half the bytes a decode step reads.
+    F16,
+}
+
+impl From<KvType> for KvDtype {
+    fn from(k: KvType) -> Self {
+        match k {
+            KvType::F32 => KvDtype::F32,
+            KvType::F16 => KvDtype::F16,
+        }
+    }
+}
+
+/// Options every model-running command shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF file or Hugging Face checkpoint folder.
+    #[arg(long, env = "LAZYSERVE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Weight format in memory.
+    #[arg(long, env = "LAZYSERVE_WEIGHTS", value_enum, default_value = "q8-decode")]
+    pub weights: Weights,
+    /// KV cache element type.
+    #[arg(long, env = "LAZYSERVE_KV_DTYPE", value_enum, default_value = "f16")]
+    pub kv_dtype: KvType,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "LAZYSERVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Sets the compute thread count and checks that the model exists.
+    fn prepare(&self) -> anyhow::Result<()> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be at least 1");
+            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
+        }
+        if !self.model.exists() && self.model == PathBuf::from(DEFAULT_MODEL) {
+            anyhow::bail!("model file not found: {DEFAULT_MODEL} (run scripts/fetch-model.sh, or pass --model)");
+        }
+        Ok(())
+    }
+
+    pub fn load(&self) -> anyhow::Result<Engine> {
+        self.prepare()?;
+        let loaded = lazyserve_model::load(&self.model, self.weights.into())?;
+        Ok(Engine::new(loaded, self.kv_dtype.into()))
+    }
+
+    /// The tokenizer and hyper-parameters only, for the router.
+    pub fn load_meta(&self) -> anyhow::Result<lazyserve_model::ModelMeta> {
+        self.prepare()?;
+        Ok(lazyserve_model::load_meta(&self.model)?)
+    }
+}
+
+/// How sequence state travels from prefill to decode workers.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Encoding {
+    /// IEEE half K/V (the engine's default KV type, so nothing is lost), f32 Aux Cache.
+    F16,
+    /// f32 K/V and Aux Cache.
+    F32,
+    /// int8 K/V with an f32 scale per token and head, f16 Aux Cache: about half of f16.
+    Int8,
+}
+
+impl From<Encoding> for StateEncoding {
+    fn from(e: Encoding) -> Self {
+        match e {
+            Encoding::F16 => StateEncoding::F16,
+            Encoding::F32 => StateEncoding::F32,
+            Encoding::Int8 => StateEncoding::Int8,
+        }
+    }
+}
+
+/// Options of every gRPC server.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
+    #[arg(long, env = "LAZYSERVE_GRACE_PERIOD_SECS", default_value_t = 30)]
+    pub grace_period_secs: u64,
+}
+
+impl ServerArgs {
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+/// Router options.
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Prefill workers, as comma-separated host:port.
+    #[arg(long, env = "LAZYSERVE_PREFILL_WORKERS", value_delimiter = ',', required = true)]
+    pub prefill_workers: Vec<String>,
+    /// Decode workers, as comma-separated host:port.
+    #[arg(long, env = "LAZYSERVE_DECODE_WORKERS", value_delimiter = ',', required = true)]
+    pub decode_workers: Vec<String>,
+    #[command(flatten)]
+    pub policy: RouterPolicy,
+}
+
+/// The router's request policy (shared with `lazyserve serve`).
+#[derive(Args, Debug, Clone)]
+pub struct RouterPolicy {
+    /// Pruning preset or spec for requests that name none.
+    #[arg(long, env = "LAZYSERVE_DEFAULT_PRUNE", default_value = "default")]
+    pub default_prune: String,
+    /// Prompts shorter than this run dense unless the request names a preset: pruning a
+    /// short prompt saves little and can flip near-tied tokens.
+    #[arg(long, env = "LAZYSERVE_PRUNE_MIN_TOKENS", default_value_t = 512)]
+    pub prune_min_tokens: usize,
+    /// Sequence state encoding on the wire.
+    #[arg(long, env = "LAZYSERVE_STATE_ENCODING", value_enum, default_value = "f16")]
+    pub state_encoding: Encoding,
+    /// Requests in flight at once; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "LAZYSERVE_MAX_INFLIGHT", default_value_t = 64)]
+    pub max_inflight: usize,
+    /// Deadline of a request whose client sets none (seconds).
+    #[arg(long, env = "LAZYSERVE_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
+    pub request_timeout_secs: u64,
+    /// How long a decode worker keeps a state nobody decodes (seconds).
+    #[arg(long, env = "LAZYSERVE_STATE_TTL_SECS", default_value_t = 60)]
+    pub state_ttl_secs: u32,
+}
+
+/// Prefill worker options.
+#[derive(Args, Debug, Clone)]
+pub struct PrefillArgs {
+    /// Prompts computed at once; each uses every compute thread.
+    #[arg(long, env = "LAZYSERVE_PREFILL_CONCURRENCY", default_value_t = 1)]
+    pub prefill_concurrency: usize,
+    /// Prompts waiting for a slot; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "LAZYSERVE_PREFILL_QUEUE", default_value_t = 64)]
+    pub prefill_queue: usize,
+}
+
+/// Decode worker options.
+#[derive(Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Sequence states held at once (received or decoding); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LAZYSERVE_MAX_SEQUENCES", default_value_t = 64)]
+    pub max_sequences: usize,
+    /// Bytes of sequence state held at once (MiB).
+    #[arg(long, env = "LAZYSERVE_MAX_STATE_MIB", default_value_t = 8192)]
+    pub max_state_mib: usize,
+}

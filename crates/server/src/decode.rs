@@ -1,0 +1,290 @@
+//! The decode worker: receives sequence states from prefill workers, holds each with an
+//! owner and a deadline, and decodes from it with LazyLLM revival (DESIGN.md section 2).
+//!
+//! A state is freed when its Decode stream ends for any reason (done, failed, or the caller
+//! went away), when it is released, or when its deadline passes with nobody decoding it.
+//! A state stream that breaks off or fails its checks is dropped whole.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use lazyserve_engine::lazy::SequenceState;
+use lazyserve_engine::{Engine, Sampler, SamplingParams, MAX_NEW_TOKENS};
+use lazyserve_proto::state::{StateAssembler, StateError};
+use lazyserve_proto::v1::decode_server::{Decode, DecodeServer};
+use lazyserve_proto::v1::{
+    decode_response, DecodeDone, DecodeRequest, DecodeResponse, PushStateResponse, ReleaseRequest, ReleaseResponse,
+    StateChunk, StatsRequest, StatsResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::DecodeArgs;
+use crate::error::{Error, Result};
+
+/// How often abandoned states are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+struct Held {
+    /// None while a Decode stream owns it.
+    state: Option<Box<SequenceState>>,
+    sampling: SamplingParams,
+    bytes: usize,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct Store {
+    held: HashMap<String, Held>,
+    /// State streams being received, and the bytes they hold so far.
+    receiving: usize,
+    receiving_bytes: HashMap<u64, usize>,
+    next_stream: u64,
+}
+
+impl Store {
+    fn bytes(&self) -> usize {
+        self.held.values().map(|h| h.bytes).sum::<usize>() + self.receiving_bytes.values().sum::<usize>()
+    }
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    store: Mutex<Store>,
+    max_sequences: usize,
+    max_bytes: usize,
+}
+
+impl Inner {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().expect("state store lock")
+    }
+}
+
+/// The Decode service; clones share one store.
+#[derive(Clone)]
+pub struct DecodeService {
+    inner: Arc<Inner>,
+}
+
+/// Forgets a state stream being received when it ends, however it ends.
+struct Receiving {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut store = self.inner.store();
+        store.receiving -= 1;
+        store.receiving_bytes.remove(&self.id);
+    }
+}
+
+/// Frees a held state when its Decode stream ends, however it ends.
+struct Owned {
+    inner: Arc<Inner>,
+    sequence_id: String,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.inner.store().held.remove(&self.sequence_id);
+        tracing::debug!(sequence_id = %self.sequence_id, "state freed");
+    }
+}
+
+impl DecodeService {
+    /// A decode worker over `engine`; starts the task that frees abandoned states.
+    pub fn new(engine: Arc<Engine>, args: &DecodeArgs) -> Self {
+        let inner = Arc::new(Inner {
+            engine,
+            store: Mutex::default(),
+            max_sequences: args.max_sequences,
+            max_bytes: args.max_state_mib << 20,
+        });
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    pub fn into_server(self) -> DecodeServer<Self> {
+        DecodeServer::new(self)
+    }
+
+    /// (sequences held, bytes held)
+    pub fn held(&self) -> (usize, usize) {
+        let store = self.inner.store();
+        (store.held.len(), store.bytes())
+    }
+
+    async fn receive(&self, mut stream: Streaming<StateChunk>) -> Result<u64> {
+        let inner = &self.inner;
+        let guard = {
+            let mut store = inner.store();
+            if store.held.len() + store.receiving >= inner.max_sequences {
+                return Err(Error::Overloaded(format!("decode worker holds {} sequences already", inner.max_sequences)));
+            }
+            store.receiving += 1;
+            store.next_stream += 1;
+            Receiving { inner: inner.clone(), id: store.next_stream }
+        };
+        let engine = &inner.engine;
+        let mut asm = StateAssembler::new(engine.model.config(), engine.kv_dtype);
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::warn!(%status, "state stream broke off");
+                    return Err(StateError::Truncated(0).into());
+                }
+            };
+            asm.push(chunk, &engine.name)?;
+            let mut store = inner.store();
+            store.receiving_bytes.insert(guard.id, asm.bytes());
+            if store.bytes() > inner.max_bytes {
+                return Err(Error::Overloaded(format!("decode worker state memory is full ({} MiB)", inner.max_bytes >> 20)));
+            }
+        }
+        let bytes = asm.bytes();
+        let engine2 = engine.clone();
+        let (header, state) = tokio::task::spawn_blocking(move || asm.finish(&engine2.model))
+            .await
+            .map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state assembly panicked")))??;
+        let mut store = inner.store();
+        if store.held.contains_key(&header.sequence_id) {
+            return Err(Error::AlreadyExists(format!("sequence {} is held already", header.sequence_id)));
+        }
+        let ttl = Duration::from_millis(header.ttl_ms.max(1) as u64);
+        store.held.insert(
+            header.sequence_id.clone(),
+            Held { state: Some(Box::new(state)), sampling: header.sampling.into(), bytes, deadline: Instant::now() + ttl },
+        );
+        tracing::debug!(sequence_id = %header.sequence_id, bytes, "state received");
+        Ok(bytes as u64)
+    }
+
+    /// Takes a held state for decoding; the returned guard frees it.
+    fn take(&self, sequence_id: &str) -> Result<(Box<SequenceState>, SamplingParams, Owned)> {
+        let mut store = self.inner.store();
+        let held = store
+            .held
+            .get_mut(sequence_id)
+            .ok_or_else(|| Error::NotFound(format!("no state held for sequence {sequence_id}")))?;
+        let state = held
+            .state
+            .take()
+            .ok_or_else(|| Error::AlreadyExists(format!("sequence {sequence_id} is being decoded already")))?;
+        let owned = Owned { inner: self.inner.clone(), sequence_id: sequence_id.to_string() };
+        Ok((state, held.sampling.clone(), owned))
+    }
+}
+
+/// Frees states whose deadline passed with nobody decoding them.
+async fn sweep(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        inner.store().held.retain(|id, h| {
+            let keep = h.state.is_none() || h.deadline > now;
+            if !keep {
+                tracing::warn!(sequence_id = %id, bytes = h.bytes, "freeing a state nobody decoded before its deadline");
+            }
+            keep
+        });
+    }
+}
+
+type DecodeStream = ReceiverStream<std::result::Result<DecodeResponse, Status>>;
+
+/// Decodes until EOS, `max_tokens` in all, the end of the context, or the caller leaving.
+fn decode_loop(
+    engine: &Engine,
+    mut state: Box<SequenceState>,
+    sampling: SamplingParams,
+    req: &DecodeRequest,
+    tx: &mpsc::Sender<std::result::Result<DecodeResponse, Status>>,
+) -> Result<()> {
+    let send = |event| tx.blocking_send(Ok(DecodeResponse { event: Some(event) })).is_ok();
+    let mut sampler = Sampler::after(sampling, 1)?;
+    let ctx = engine.model.config().max_position_embeddings;
+    let eos = engine.tokenizer.eos_ids();
+    let prompt_len = state.tokens.len();
+    let (mut produced, mut prev) = (1, req.first_token);
+    if !eos.contains(&prev) {
+        while produced < req.max_tokens as usize && prompt_len + produced < ctx {
+            let next = engine.decode_step(&mut state, &mut sampler, prev)?;
+            produced += 1;
+            if !send(decode_response::Event::TokenId(next)) {
+                tracing::debug!("decode caller went away");
+                return Ok(());
+            }
+            if eos.contains(&next) {
+                break;
+            }
+            prev = next;
+        }
+    }
+    send(decode_response::Event::Done(DecodeDone {
+        computed_percent: 100.0 * state.computed_fraction(),
+        revived_tokens: state.stats.revived as u64,
+    }));
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Decode for DecodeService {
+    async fn push_state(&self, request: Request<Streaming<StateChunk>>) -> std::result::Result<Response<PushStateResponse>, Status> {
+        let bytes = self.receive(request.into_inner()).await?;
+        Ok(Response::new(PushStateResponse { bytes }))
+    }
+
+    type DecodeStream = DecodeStream;
+
+    async fn decode(&self, request: Request<DecodeRequest>) -> std::result::Result<Response<DecodeStream>, Status> {
+        let req = request.into_inner();
+        let vocab = self.inner.engine.model.config().vocab_size;
+        if req.max_tokens == 0 || req.max_tokens as usize > MAX_NEW_TOKENS {
+            let reason = format!("must be in 1..={MAX_NEW_TOKENS}, got {}", req.max_tokens);
+            return Err(Error::InvalidArgument { field: "max_tokens", reason }.into());
+        }
+        if req.first_token as usize >= vocab {
+            let reason = format!("{} is not below the vocabulary size {vocab}", req.first_token);
+            return Err(Error::InvalidArgument { field: "first_token", reason }.into());
+        }
+        let (state, sampling, owned) = self.take(&req.sequence_id)?;
+        let (tx, rx) = mpsc::channel(16);
+        let engine = self.inner.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let _owned = owned;
+            if let Err(e) = decode_loop(&engine, state, sampling, &req, &tx) {
+                let _ = tx.blocking_send(Err(e.into()));
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn release(&self, request: Request<ReleaseRequest>) -> std::result::Result<Response<ReleaseResponse>, Status> {
+        let id = request.into_inner().sequence_id;
+        let mut store = self.inner.store();
+        // A state being decoded belongs to its Decode stream; ending that stream frees it.
+        let released = store.held.get(&id).is_some_and(|h| h.state.is_some());
+        if released {
+            store.held.remove(&id);
+        }
+        Ok(Response::new(ReleaseResponse { released }))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> std::result::Result<Response<StatsResponse>, Status> {
+        let store = self.inner.store();
+        Ok(Response::new(StatsResponse {
+            sequences: store.held.len() as u32,
+            state_bytes: store.bytes() as u64,
+            receiving: store.receiving as u32,
+        }))
+    }
+}

@@ -1,0 +1,78 @@
+//! Domain errors of the services, and the one place they become gRPC statuses.
+
+use lazyserve_proto::state::StateError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is wrong; the message names it.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    /// A limit was reached; the caller may retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A worker could not be reached or failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Engine(lazyserve_engine::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<lazyserve_engine::Error> for Error {
+    fn from(e: lazyserve_engine::Error) -> Self {
+        use lazyserve_engine::Error as E;
+        match e {
+            E::InvalidParameter { field, reason } => Self::InvalidArgument { field, reason },
+            E::PromptTooLong { tokens, max } => Self::InvalidArgument {
+                field: "prompt",
+                reason: format!("has {tokens} tokens, at most {max} fit the model's context"),
+            },
+            e => Self::Engine(e),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::State(StateError::Invalid(_) | StateError::Engine(_)) => Code::InvalidArgument,
+            Error::State(StateError::Mismatch(_)) => Code::FailedPrecondition,
+            Error::State(StateError::Truncated(_)) => Code::DataLoss,
+            Error::Engine(lazyserve_engine::Error::Cancelled) => Code::Cancelled,
+            Error::Engine(lazyserve_engine::Error::InvalidState(_)) => Code::InvalidArgument,
+            Error::Engine(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+/// A status from a worker, as the router passes it on: the caller's own mistakes keep
+/// their code, everything else means the worker could not do its part.
+pub fn from_worker(role: &str, addr: &str, s: Status) -> Error {
+    match s.code() {
+        Code::InvalidArgument => Error::InvalidArgument { field: "request", reason: s.message().to_string() },
+        Code::ResourceExhausted => Error::Overloaded(format!("{role} worker {addr} is overloaded: {}", s.message())),
+        Code::DeadlineExceeded => Error::DeadlineExceeded(format!("{role} worker {addr}: {}", s.message())),
+        _ => Error::Unavailable(format!("{role} worker {addr} failed: {} ({:?})", s.message(), s.code())),
+    }
+}

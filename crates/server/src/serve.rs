@@ -1,0 +1,120 @@
+//! One gRPC server with any of the three roles, health and reflection, and a graceful
+//! shutdown on SIGTERM or Ctrl-C.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::{DecodeService, PrefillService, Router};
+
+/// The roles one server runs.
+#[derive(Default)]
+pub struct Roles {
+    pub router: Option<Router>,
+    pub prefill: Option<PrefillService>,
+    pub decode: Option<DecodeService>,
+}
+
+impl Roles {
+    fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.router.is_some() {
+            names.push("lazyserve.v1.Generation");
+        }
+        if self.prefill.is_some() {
+            names.push("lazyserve.v1.Prefill");
+        }
+        if self.decode.is_some() {
+            names.push("lazyserve.v1.Decode");
+        }
+        names
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Serves `roles` on `listener` until `shutdown` resolves; then reports NOT_SERVING, stops
+/// taking requests and gives those in flight `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    roles: Roles,
+    grace: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let names = roles.names();
+    for name in &names {
+        reporter.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lazyserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lazyserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, services = ?names, "serving");
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("shutting down: NOT_SERVING, finishing requests in flight");
+        for name in names {
+            reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        let _ = stopping_tx.send(());
+    };
+    let server = Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(roles.router.map(Router::into_server))
+        .add_optional_service(roles.prefill.map(PrefillService::into_server))
+        .add_optional_service(roles.decode.map(DecodeService::into_server))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    let grace_over = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = grace_over => tracing::warn!(?grace, "grace period over; exiting with requests in flight"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+}

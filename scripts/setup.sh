@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
+# (the proto crate compiles proto/ with it), Python with venv, the Python gRPC client in
+# .venv-grpc, and the model file. Idempotent: installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! .venv-grpc/bin/python -c "import grpc_tools, grpc_health, grpc_reflection" >/dev/null 2>&1; then
+  python3 -m venv .venv-grpc
+  .venv-grpc/bin/python -m pip install -q -r tests/python/requirements.txt
+fi
+
+scripts/fetch-model.sh

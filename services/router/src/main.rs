@@ -1,0 +1,35 @@
+//! `lazyserve-router`: the public Generate RPC in front of prefill and decode workers.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use lazyserve_server::config::{ModelArgs, RouterArgs, ServerArgs};
+use lazyserve_server::serve::{self, Roles};
+use lazyserve_server::{Router, Workers};
+
+#[derive(Parser, Debug)]
+#[command(name = "lazyserve-router", version, about = "lazyserve router: tokenizes, routes to prefill and decode workers, streams tokens")]
+struct Cli {
+    /// Address of the public gRPC server.
+    #[arg(long, env = "LAZYSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// The model's tokenizer and limits are read from it (the weights are not loaded).
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    router: RouterArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    serve::init_tracing();
+    let cli = Cli::parse();
+    tracing::info!(config = ?cli, "starting router");
+    let workers = Workers { prefill: cli.router.prefill_workers, decode: cli.router.decode_workers };
+    let router = Router::new(cli.model.load_meta()?, cli.router.policy, workers)?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    let roles = Roles { router: Some(router), ..Roles::default() };
+    serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
+}

@@ -1,0 +1,146 @@
+//! Real service processes on loopback for the service tests: started, waited for until
+//! their health check says SERVING, and killed when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazyserve_proto::v1::decode_client::DecodeClient;
+use lazyserve_proto::v1::generation_client::GenerationClient;
+use lazyserve_proto::v1::StatsRequest;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::{binary, model_path};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// One service process; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `--listen` on a free port plus `args`, logging to a temp file.
+    pub fn spawn(bin: &str, args: &[&str]) -> Self {
+        Self::spawn_sub(bin, &[], args)
+    }
+
+    /// [`Proc::spawn`] with a subcommand (`lazyserve serve`) before the flags.
+    pub fn spawn_sub(bin: &str, subcommand: &[&str], args: &[&str]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{}.log", std::process::id(), addr.replace(':', "_")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(binary(bin))
+            .args(subcommand)
+            .arg("--listen")
+            .arg(&addr)
+            .args(args)
+            .env("LAZYSERVE_MODEL", model_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        Self { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the health check says SERVING; panics with the log if the process died.
+    pub async fn ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("{} exited with {status}:\n{}", self.addr, self.log_text());
+            }
+            if let Ok(channel) = Channel::from_shared(self.url()).expect("url").connect().await {
+                let mut health = HealthClient::new(channel);
+                let req = HealthCheckRequest { service: String::new() };
+                if let Ok(r) = health.check(req).await {
+                    if r.into_inner().status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{} not SERVING after 120 s:\n{}", self.addr, self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A router, a prefill worker and a decode worker, three processes on loopback.
+pub struct Cluster {
+    pub decode: Proc,
+    pub prefill: Proc,
+    pub router: Proc,
+}
+
+impl Cluster {
+    /// Starts the three services; `router_args` are added to the router's flags.
+    pub async fn start(router_args: &[&str]) -> Self {
+        let mut decode = Proc::spawn("lazyserve-decode-worker", &[]);
+        let mut prefill = Proc::spawn("lazyserve-prefill-worker", &[]);
+        let mut router = Self::router_for(&prefill.addr, &decode.addr, router_args);
+        decode.ready().await;
+        prefill.ready().await;
+        router.ready().await;
+        Self { decode, prefill, router }
+    }
+
+    /// Another router process (not waited for) over the given workers.
+    pub fn router_for(prefill: &str, decode: &str, args: &[&str]) -> Proc {
+        let mut all = vec!["--prefill-workers", prefill, "--decode-workers", decode];
+        all.extend_from_slice(args);
+        Proc::spawn("lazyserve-router", &all)
+    }
+
+    pub async fn client(&self) -> GenerationClient<Channel> {
+        GenerationClient::connect(self.router.url()).await.expect("router connects")
+    }
+
+    /// (sequences, bytes) the decode worker holds.
+    pub async fn decode_held(&self) -> (u32, u64) {
+        let mut c = DecodeClient::connect(self.decode.url()).await.expect("decode connects");
+        let s = c.stats(StatsRequest {}).await.expect("stats").into_inner();
+        (s.sequences + s.receiving, s.state_bytes)
+    }
+
+    /// Waits up to `within` for the decode worker to hold nothing; returns what it holds.
+    pub async fn decode_drained(&self, within: Duration) -> (u32, u64) {
+        let start = Instant::now();
+        loop {
+            let held = self.decode_held().await;
+            if held == (0, 0) || start.elapsed() > within {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
