@@ -270,6 +270,11 @@ impl StateAssembler {
         self.kv.iter().map(LayerKv::bytes).sum::<usize>() + self.aux.iter().map(|(p, h)| 4 * (p.len() + h.len())).sum::<usize>()
     }
 
+    /// Chunks taken so far.
+    pub fn chunks(&self) -> u32 {
+        self.chunks
+    }
+
     /// Takes the next chunk. Refuses anything after a verified trailer.
     pub fn push(&mut self, chunk: StateChunk, model_id: &str) -> Result<()> {
         if self.verified {

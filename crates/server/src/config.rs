@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use lazyserve_discovery::etcd::{EtcdDiscovery, EtcdOptions, TlsFiles};
+use lazyserve_discovery::{Discovery, StaticDiscovery};
 use lazyserve_engine::Engine;
 use lazyserve_model::{KvDtype, WeightFormat};
 use lazyserve_proto::v1::StateEncoding;
@@ -129,14 +131,88 @@ impl ServerArgs {
 /// Router options.
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
-    /// Prefill workers, as comma-separated host:port.
-    #[arg(long, env = "LAZYSERVE_PREFILL_WORKERS", value_delimiter = ',', required = true)]
+    /// Prefill workers, as comma-separated host:port (instead of etcd).
+    #[arg(long, env = "LAZYSERVE_PREFILL_WORKERS", value_delimiter = ',', requires = "decode_workers")]
     pub prefill_workers: Vec<String>,
-    /// Decode workers, as comma-separated host:port.
-    #[arg(long, env = "LAZYSERVE_DECODE_WORKERS", value_delimiter = ',', required = true)]
+    /// Decode workers, as comma-separated host:port (instead of etcd).
+    #[arg(long, env = "LAZYSERVE_DECODE_WORKERS", value_delimiter = ',', requires = "prefill_workers")]
     pub decode_workers: Vec<String>,
     #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
     pub policy: RouterPolicy,
+}
+
+impl RouterArgs {
+    /// The worker source: etcd when endpoints are given, else the static lists.
+    pub fn discovery(&self) -> anyhow::Result<std::sync::Arc<dyn Discovery>> {
+        match (self.etcd.options()?, self.prefill_workers.is_empty()) {
+            (Some(_), false) => anyhow::bail!("give either --etcd-endpoints or --prefill-workers/--decode-workers, not both"),
+            (Some(opts), true) => Ok(std::sync::Arc::new(EtcdDiscovery::start(opts))),
+            (None, false) => Ok(std::sync::Arc::new(StaticDiscovery::new(&self.prefill_workers, &self.decode_workers))),
+            (None, true) => anyhow::bail!("no workers: give --etcd-endpoints, or --prefill-workers and --decode-workers"),
+        }
+    }
+}
+
+/// Where etcd is (routers watch it, workers register in it).
+#[derive(Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (http://host:2379, or https:// with TLS).
+    #[arg(long, env = "LAZYSERVE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "LAZYSERVE_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "LAZYSERVE_ETCD_PASSWORD", requires = "etcd_user", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) of etcd's server certificate.
+    #[arg(long, env = "LAZYSERVE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with --etcd-key.
+    #[arg(long, env = "LAZYSERVE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "LAZYSERVE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Key prefix; workers go under {prefix}/workers/{prefill|decode}/{id}.
+    #[arg(long, env = "LAZYSERVE_ETCD_PREFIX", default_value = "/lazyserve/v1")]
+    pub etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> anyhow::Result<Option<EtcdOptions>> {
+        if self.etcd_endpoints.is_empty() {
+            anyhow::ensure!(
+                self.etcd_user.is_none() && self.etcd_ca.is_none() && self.etcd_cert.is_none(),
+                "etcd credentials given without --etcd-endpoints"
+            );
+            return Ok(None);
+        }
+        Ok(Some(EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            user: self.etcd_user.clone().zip(self.etcd_password.clone()),
+            tls: TlsFiles { ca: self.etcd_ca.clone(), cert: self.etcd_cert.clone(), key: self.etcd_key.clone() },
+            prefix: self.etcd_prefix.clone(),
+        }))
+    }
+}
+
+/// How a worker registers in etcd.
+#[derive(Args, Debug, Clone)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Worker id in etcd (default: role, host name and port).
+    #[arg(long, env = "LAZYSERVE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Address others dial to reach this worker (default: the listen address; a wildcard
+    /// listen address needs this).
+    #[arg(long, env = "LAZYSERVE_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// etcd lease TTL in seconds; the lease is kept alive every TTL/2, and a worker that
+    /// dies leaves the routers' sets within about this long.
+    #[arg(long, env = "LAZYSERVE_LEASE_TTL_SECS", default_value_t = 15)]
+    pub lease_ttl_secs: u64,
 }
 
 /// The router's request policy (shared with `lazyserve serve`).
@@ -161,6 +237,10 @@ pub struct RouterPolicy {
     /// How long a decode worker keeps a state nobody decodes (seconds).
     #[arg(long, env = "LAZYSERVE_STATE_TTL_SECS", default_value_t = 60)]
     pub state_ttl_secs: u32,
+    /// Prompts shorter than this many tokens are prefilled on the decode worker itself,
+    /// skipping the state transfer (0: always use a prefill worker).
+    #[arg(long, env = "LAZYSERVE_LOCAL_PREFILL_TOKENS", default_value_t = 256)]
+    pub local_prefill_tokens: usize,
 }
 
 /// Prefill worker options.

@@ -6,16 +6,18 @@
 //! A state stream that breaks off or fails its checks is dropped whole.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use lazyserve_engine::lazy::SequenceState;
+use lazyserve_discovery::{Capacity, Load};
+use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams, MAX_NEW_TOKENS};
 use lazyserve_proto::state::{StateAssembler, StateError};
 use lazyserve_proto::v1::decode_server::{Decode, DecodeServer};
 use lazyserve_proto::v1::{
-    decode_response, DecodeDone, DecodeRequest, DecodeResponse, PushStateResponse, ReleaseRequest, ReleaseResponse,
-    StateChunk, StatsRequest, StatsResponse,
+    decode_response, DecodeDone, DecodeRequest, DecodeResponse, FirstToken, LocalPrefill, PushStateResponse,
+    ReleaseRequest, ReleaseResponse, StateChunk, StatsRequest, StatsResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +28,8 @@ use crate::error::{Error, Result};
 
 /// How often abandoned states are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long a release of a state not received yet is remembered.
+const RELEASED_MEMORY: Duration = Duration::from_secs(300);
 
 struct Held {
     /// None while a Decode stream owns it.
@@ -38,6 +42,8 @@ struct Held {
 #[derive(Default)]
 struct Store {
     held: HashMap<String, Held>,
+    /// Sequences released before their state arrived, until when to refuse it.
+    released: HashMap<String, Instant>,
     /// State streams being received, and the bytes they hold so far.
     receiving: usize,
     receiving_bytes: HashMap<u64, usize>,
@@ -55,6 +61,7 @@ struct Inner {
     store: Mutex<Store>,
     max_sequences: usize,
     max_bytes: usize,
+    served: AtomicU64,
 }
 
 impl Inner {
@@ -104,6 +111,7 @@ impl DecodeService {
             store: Mutex::default(),
             max_sequences: args.max_sequences,
             max_bytes: args.max_state_mib << 20,
+            served: AtomicU64::new(0),
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
         Self { inner }
@@ -113,19 +121,36 @@ impl DecodeService {
         DecodeServer::new(self)
     }
 
-    /// (sequences held, bytes held)
-    pub fn held(&self) -> (usize, usize) {
+    /// The capacity reported to etcd.
+    pub fn capacity(&self) -> Capacity {
+        Capacity { requests: self.inner.max_sequences as u32, state_bytes: self.inner.max_bytes as u64 }
+    }
+
+    /// Load as reported to etcd.
+    pub fn load(&self) -> Load {
         let store = self.inner.store();
-        (store.held.len(), store.bytes())
+        Load {
+            inflight: store.held.values().filter(|h| h.state.is_none()).count() as u32,
+            sequences: (store.held.len() + store.receiving) as u32,
+            state_bytes: store.bytes() as u64,
+            served: self.inner.served.load(Ordering::SeqCst),
+            ..Load::default()
+        }
+    }
+
+    /// Refuses a new sequence when the worker holds as many as it may.
+    fn check_room(store: &Store, inner: &Inner) -> Result<()> {
+        if store.held.len() + store.receiving >= inner.max_sequences {
+            return Err(Error::Overloaded(format!("decode worker holds {} sequences already", inner.max_sequences)));
+        }
+        Ok(())
     }
 
     async fn receive(&self, mut stream: Streaming<StateChunk>) -> Result<u64> {
         let inner = &self.inner;
         let guard = {
             let mut store = inner.store();
-            if store.held.len() + store.receiving >= inner.max_sequences {
-                return Err(Error::Overloaded(format!("decode worker holds {} sequences already", inner.max_sequences)));
-            }
+            Self::check_room(&store, inner)?;
             store.receiving += 1;
             store.next_stream += 1;
             Receiving { inner: inner.clone(), id: store.next_stream }
@@ -138,7 +163,7 @@ impl DecodeService {
                 Ok(None) => break,
                 Err(status) => {
                     tracing::warn!(%status, "state stream broke off");
-                    return Err(StateError::Truncated(0).into());
+                    return Err(StateError::Truncated(asm.chunks()).into());
                 }
             };
             asm.push(chunk, &engine.name)?;
@@ -154,6 +179,10 @@ impl DecodeService {
             .await
             .map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state assembly panicked")))??;
         let mut store = inner.store();
+        if store.released.remove(&header.sequence_id).is_some() {
+            tracing::debug!(sequence_id = %header.sequence_id, "state arrived after its release; dropped");
+            return Err(Error::ClientGone);
+        }
         if store.held.contains_key(&header.sequence_id) {
             return Err(Error::AlreadyExists(format!("sequence {} is held already", header.sequence_id)));
         }
@@ -167,7 +196,7 @@ impl DecodeService {
     }
 
     /// Takes a held state for decoding; the returned guard frees it.
-    fn take(&self, sequence_id: &str) -> Result<(Box<SequenceState>, SamplingParams, Owned)> {
+    fn take(&self, sequence_id: &str) -> Result<(Box<SequenceState>, Sampler, Owned)> {
         let mut store = self.inner.store();
         let held = store
             .held
@@ -178,7 +207,50 @@ impl DecodeService {
             .take()
             .ok_or_else(|| Error::AlreadyExists(format!("sequence {sequence_id} is being decoded already")))?;
         let owned = Owned { inner: self.inner.clone(), sequence_id: sequence_id.to_string() };
-        Ok((state, held.sampling.clone(), owned))
+        // Prefill drew once for the first token.
+        let sampler = Sampler::after(held.sampling.clone(), 1)?;
+        Ok((state, sampler, owned))
+    }
+}
+
+impl DecodeService {
+    /// Checks a prompt to prefill here.
+    fn check_local(&self, local: &LocalPrefill) -> Result<(Schedule, Sampler)> {
+        let cfg = self.inner.engine.model.config();
+        if local.prompt_ids.is_empty() {
+            return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
+        }
+        if let Some(id) = local.prompt_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            let reason = format!("token {id} is not below the vocabulary size {}", cfg.vocab_size);
+            return Err(Error::InvalidArgument { field: "prompt_ids", reason });
+        }
+        if local.prompt_ids.len() + 1 > cfg.max_position_embeddings {
+            let (tokens, max) = (local.prompt_ids.len(), cfg.max_position_embeddings - 1);
+            return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
+        }
+        let schedule = self.inner.engine.schedule(&local.prune)?;
+        let sampler = Sampler::new(SamplingParams::from(local.sampling.unwrap_or_default()))?;
+        Ok((schedule, sampler))
+    }
+
+    /// Registers a sequence prefilled here as held (for the limits and the stats).
+    fn hold_local(&self, sequence_id: &str) -> Result<Owned> {
+        let mut store = self.inner.store();
+        Self::check_room(&store, &self.inner)?;
+        if store.held.contains_key(sequence_id) {
+            return Err(Error::AlreadyExists(format!("sequence {sequence_id} is held already")));
+        }
+        let held = Held { state: None, sampling: SamplingParams::default(), bytes: 0, deadline: Instant::now() };
+        store.held.insert(sequence_id.to_string(), held);
+        Ok(Owned { inner: self.inner.clone(), sequence_id: sequence_id.to_string() })
+    }
+}
+
+impl Inner {
+    fn set_bytes(&self, sequence_id: &str, bytes: usize) {
+        if let Some(h) = self.store().held.get_mut(sequence_id) {
+            h.bytes = bytes;
+        }
     }
 }
 
@@ -189,7 +261,9 @@ async fn sweep(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
-        inner.store().held.retain(|id, h| {
+        let mut store = inner.store();
+        store.released.retain(|_, until| *until > now);
+        store.held.retain(|id, h| {
             let keep = h.state.is_none() || h.deadline > now;
             if !keep {
                 tracing::warn!(sequence_id = %id, bytes = h.bytes, "freeing a state nobody decoded before its deadline");
@@ -205,18 +279,18 @@ type DecodeStream = ReceiverStream<std::result::Result<DecodeResponse, Status>>;
 fn decode_loop(
     engine: &Engine,
     mut state: Box<SequenceState>,
-    sampling: SamplingParams,
-    req: &DecodeRequest,
+    mut sampler: Sampler,
+    first_token: u32,
+    max_tokens: usize,
     tx: &mpsc::Sender<std::result::Result<DecodeResponse, Status>>,
 ) -> Result<()> {
     let send = |event| tx.blocking_send(Ok(DecodeResponse { event: Some(event) })).is_ok();
-    let mut sampler = Sampler::after(sampling, 1)?;
     let ctx = engine.model.config().max_position_embeddings;
     let eos = engine.tokenizer.eos_ids();
     let prompt_len = state.tokens.len();
-    let (mut produced, mut prev) = (1, req.first_token);
+    let (mut produced, mut prev) = (1, first_token);
     if !eos.contains(&prev) {
-        while produced < req.max_tokens as usize && prompt_len + produced < ctx {
+        while produced < max_tokens && prompt_len + produced < ctx {
             let next = engine.decode_step(&mut state, &mut sampler, prev)?;
             produced += 1;
             if !send(decode_response::Event::TokenId(next)) {
@@ -256,15 +330,48 @@ impl Decode for DecodeService {
             let reason = format!("{} is not below the vocabulary size {vocab}", req.first_token);
             return Err(Error::InvalidArgument { field: "first_token", reason }.into());
         }
-        let (state, sampling, owned) = self.take(&req.sequence_id)?;
         let (tx, rx) = mpsc::channel(16);
         let engine = self.inner.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            let _owned = owned;
-            if let Err(e) = decode_loop(&engine, state, sampling, &req, &tx) {
-                let _ = tx.blocking_send(Err(e.into()));
+        let max_tokens = req.max_tokens as usize;
+        let inner = self.inner.clone();
+        match req.local {
+            None => {
+                let (state, sampler, owned) = self.take(&req.sequence_id)?;
+                tokio::task::spawn_blocking(move || {
+                    let _owned = owned;
+                    if let Err(e) = decode_loop(&engine, state, sampler, req.first_token, max_tokens, &tx) {
+                        let _ = tx.blocking_send(Err(e.into()));
+                    }
+                    inner.served.fetch_add(1, Ordering::SeqCst);
+                });
             }
-        });
+            Some(local) => {
+                let (schedule, sampler) = self.check_local(&local)?;
+                let owned = self.hold_local(&req.sequence_id)?;
+                tokio::task::spawn_blocking(move || {
+                    let _owned = owned;
+                    let result = (|| -> Result<()> {
+                        let mut sampler = sampler;
+                        let pre = engine.prefill(&local.prompt_ids, schedule, &mut sampler, &mut |_, _| Ok(()))?;
+                        inner.set_bytes(&_owned.sequence_id, pre.state.kv_bytes() + pre.state.aux_bytes());
+                        let first = FirstToken {
+                            token_id: pre.first_token,
+                            prefill_ms: pre.prefill.as_secs_f64() * 1e3,
+                            computed_percent: 100.0 * pre.state.computed_fraction(),
+                        };
+                        let event = decode_response::Event::Prefilled(first);
+                        if tx.blocking_send(Ok(DecodeResponse { event: Some(event) })).is_err() {
+                            return Ok(());
+                        }
+                        decode_loop(&engine, Box::new(pre.state), sampler, pre.first_token, max_tokens, &tx)
+                    })();
+                    if let Err(e) = result {
+                        let _ = tx.blocking_send(Err(e.into()));
+                    }
+                    inner.served.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -275,6 +382,9 @@ impl Decode for DecodeService {
         let released = store.held.get(&id).is_some_and(|h| h.state.is_some());
         if released {
             store.held.remove(&id);
+        } else if !store.held.contains_key(&id) {
+            // The state may still be on its way: refuse it when it arrives.
+            store.released.insert(id, Instant::now() + RELEASED_MEMORY);
         }
         Ok(Response::new(ReleaseResponse { released }))
     }

@@ -17,6 +17,9 @@ pub enum Error {
     /// The request's deadline passed.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The caller went away.
+    #[error("the client cancelled the request")]
+    ClientGone,
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -28,6 +31,13 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether another worker may succeed where one failed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Overloaded(_))
+    }
+}
 
 impl From<lazyserve_engine::Error> for Error {
     fn from(e: lazyserve_engine::Error) -> Self {
@@ -51,6 +61,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::NotFound(_) => Code::NotFound,
+            Error::ClientGone => Code::Cancelled,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::State(StateError::Invalid(_) | StateError::Engine(_)) => Code::InvalidArgument,
             Error::State(StateError::Mismatch(_)) => Code::FailedPrecondition,

@@ -10,7 +10,9 @@ mod prefill;
 mod router;
 pub mod serve;
 
+pub use lazyserve_discovery as discovery;
+
 pub use decode::DecodeService;
 pub use error::{Error, Result};
 pub use prefill::PrefillService;
-pub use router::{Router, Workers};
+pub use router::Router;

@@ -1,43 +1,93 @@
 //! The prefill worker: runs LazyLLM prefill and pushes the sequence state to a decode
 //! worker layer by layer while later layers are still computing (DESIGN.md section 2).
+//! If that decode worker fails before accepting the state, the whole state goes to the
+//! next decode worker the router named.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use lazyserve_discovery::Load;
+use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams};
 use lazyserve_proto::state::StateEncoder;
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::prefill_server::{Prefill, PrefillServer};
-use lazyserve_proto::v1::{prefill_response, FirstToken, PrefillRequest, PrefillResponse, StateEncoding, StateSent};
+use lazyserve_proto::v1::{
+    prefill_response, FirstToken, PrefillRequest, PrefillResponse, PushStateResponse, StateChunk, StateEncoding, StateSent,
+};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::channels::Channels;
+use crate::channels::{grpc_timeout, Channels};
 use crate::config::PrefillArgs;
 use crate::error::{self, Error, Result};
 
-/// The Prefill service; clones share the model and the slots.
+/// The Prefill service; clones share the model, the slots and the counters.
 #[derive(Clone)]
 pub struct PrefillService {
     engine: Arc<Engine>,
     channels: Arc<Channels>,
     slots: Arc<Semaphore>,
-    waiting: Arc<AtomicUsize>,
-    max_waiting: usize,
+    counters: Arc<Counters>,
+    max_waiting: u32,
 }
 
-/// Counts a request waiting for a compute slot while it waits.
-struct Waiting(Arc<AtomicUsize>);
+#[derive(Default)]
+struct Counters {
+    /// Requests computing or waiting for a slot, and their prompt tokens.
+    inflight: AtomicU32,
+    waiting: AtomicU32,
+    tokens: AtomicU64,
+    served: AtomicU64,
+}
 
-impl Drop for Waiting {
+/// Counts a request while it is on this worker.
+struct Admitted {
+    counters: Arc<Counters>,
+    tokens: u64,
+    waiting: bool,
+}
+
+impl Admitted {
+    fn started(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.started();
+        self.counters.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.counters.tokens.fetch_sub(self.tokens, Ordering::SeqCst);
     }
 }
 
 type Events = mpsc::Sender<std::result::Result<PrefillResponse, Status>>;
+
+/// What validation makes of a request.
+type Checked = (Schedule, SamplingParams, StateEncoding);
+
+/// What a state stream's header says, for every push of one state.
+#[derive(Clone)]
+struct HeaderInfo {
+    sequence_id: String,
+    model: String,
+    tokens: Vec<u32>,
+    prune: String,
+    sampling: lazyserve_proto::v1::SamplingParams,
+    ttl_ms: u32,
+    encoding: StateEncoding,
+}
+
+impl HeaderInfo {
+    fn chunk(&self, enc: &mut StateEncoder) -> StateChunk {
+        enc.header(&self.sequence_id, &self.model, &self.tokens, &self.prune, self.sampling, self.ttl_ms)
+    }
+}
 
 impl PrefillService {
     pub fn new(engine: Arc<Engine>, args: &PrefillArgs) -> Self {
@@ -45,8 +95,8 @@ impl PrefillService {
             engine,
             channels: Arc::default(),
             slots: Arc::new(Semaphore::new(args.prefill_concurrency.max(1))),
-            waiting: Arc::default(),
-            max_waiting: args.prefill_queue,
+            counters: Arc::default(),
+            max_waiting: args.prefill_queue as u32,
         }
     }
 
@@ -54,7 +104,18 @@ impl PrefillService {
         PrefillServer::new(self)
     }
 
-    fn validate(&self, req: &PrefillRequest) -> Result<(lazyserve_engine::lazy::Schedule, SamplingParams, StateEncoding)> {
+    /// Load as reported to etcd.
+    pub fn load(&self) -> Load {
+        let c = &self.counters;
+        Load {
+            inflight: c.inflight.load(Ordering::SeqCst),
+            queued_prompt_tokens: c.tokens.load(Ordering::SeqCst),
+            served: c.served.load(Ordering::SeqCst),
+            ..Load::default()
+        }
+    }
+
+    fn validate(&self, req: &PrefillRequest) -> Result<Checked> {
         let cfg = self.engine.model.config();
         if req.prompt_ids.is_empty() {
             return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
@@ -67,8 +128,8 @@ impl PrefillService {
             let (tokens, max) = (req.prompt_ids.len(), cfg.max_position_embeddings - 1);
             return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
         }
-        if req.sequence_id.is_empty() || req.decode_address.is_empty() {
-            let reason = "sequence_id and decode_address are required".into();
+        if req.sequence_id.is_empty() || req.decode_addresses.is_empty() {
+            let reason = "sequence_id and decode_addresses are required".into();
             return Err(Error::InvalidArgument { field: "sequence_id", reason });
         }
         let schedule = self.engine.schedule(&req.prune)?;
@@ -79,62 +140,114 @@ impl PrefillService {
         Ok((schedule, sampling, encoding))
     }
 
+    /// Takes a request in, or refuses it when the queue is full.
+    fn admit(&self, tokens: u64) -> Result<Admitted> {
+        let c = &self.counters;
+        if c.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            c.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Overloaded(format!("prefill queue is full ({} waiting)", self.max_waiting)));
+        }
+        c.inflight.fetch_add(1, Ordering::SeqCst);
+        c.tokens.fetch_add(tokens, Ordering::SeqCst);
+        Ok(Admitted { counters: c.clone(), tokens, waiting: true })
+    }
+
+    /// Starts a PushState stream to `addr`; the returned sender feeds it.
+    fn open_push(
+        &self,
+        addr: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(mpsc::Sender<StateChunk>, tokio::task::JoinHandle<std::result::Result<Response<PushStateResponse>, Status>>)> {
+        let mut client = DecodeClient::new(self.channels.get(addr)?);
+        let (tx, rx) = mpsc::channel(4);
+        let mut req = Request::new(ReceiverStream::new(rx));
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        Ok((tx, tokio::spawn(async move { client.push_state(req).await })))
+    }
+
+    /// Pushes a finished state whole (after the first decode worker failed).
+    async fn push_whole(
+        &self,
+        addr: &str,
+        state: Arc<SequenceState>,
+        header: &HeaderInfo,
+        timeout: Option<Duration>,
+    ) -> Result<(u64, u32)> {
+        let (tx, push) = self.open_push(addr, timeout)?;
+        let engine = self.engine.clone();
+        let header = header.clone();
+        let encode = tokio::task::spawn_blocking(move || {
+            let mut enc = StateEncoder::new(engine.model.config(), header.encoding);
+            let mut send = |c| tx.blocking_send(c).is_ok();
+            let mut ok = send(header.chunk(&mut enc));
+            for (l, layer) in state.layers.iter().enumerate() {
+                ok = ok && enc.layer(l, layer).into_iter().all(&mut send);
+            }
+            ok = ok && send(enc.trailer());
+            (enc.bytes(), enc.chunks(), ok)
+        });
+        let (bytes, chunks, _) = encode.await.map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state encoding panicked")))?;
+        match push.await {
+            Ok(Ok(_)) => Ok((bytes, chunks)),
+            Ok(Err(s)) => Err(error::from_worker("decode", addr, s)),
+            Err(_) => Err(Error::Engine(lazyserve_engine::Error::Internal("state push panicked"))),
+        }
+    }
+
     /// Prefills and pushes; reports on `events`.
-    async fn run(self, req: PrefillRequest, events: Events) {
-        if let Err(e) = self.run_inner(req, &events).await {
+    async fn run(self, req: PrefillRequest, checked: Checked, timeout: Option<Duration>, events: Events) {
+        if let Err(e) = self.run_inner(req, checked, timeout, &events).await {
             let _ = events.send(Err(e.into())).await;
         }
     }
 
-    async fn run_inner(&self, req: PrefillRequest, events: &Events) -> Result<()> {
-        let (schedule, sampling, encoding) = self.validate(&req)?;
-        let _waiting = {
-            if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                return Err(Error::Overloaded(format!("prefill queue is full ({} waiting)", self.max_waiting)));
-            }
-            Waiting(self.waiting.clone())
-        };
+    async fn run_inner(&self, req: PrefillRequest, checked: Checked, timeout: Option<Duration>, events: &Events) -> Result<()> {
+        let (schedule, sampling, encoding) = checked;
+        let mut admitted = self.admit(req.prompt_ids.len() as u64)?;
         let slot = self.slots.clone().acquire_owned().await.expect("prefill slots are never closed");
-        drop(_waiting);
+        admitted.started();
         if events.is_closed() {
             return Ok(());
         }
-
-        let addr = req.decode_address.clone();
-        let mut decode = DecodeClient::new(self.channels.get(&addr)?);
-        let (chunks_tx, chunks_rx) = mpsc::channel(4);
-        let push = tokio::spawn(async move { decode.push_state(ReceiverStream::new(chunks_rx)).await });
+        let header = HeaderInfo {
+            sequence_id: req.sequence_id.clone(),
+            model: self.engine.name.clone(),
+            tokens: req.prompt_ids.clone(),
+            prune: req.prune.clone(),
+            sampling: req.sampling.unwrap_or_default(),
+            ttl_ms: req.state_ttl_ms,
+            encoding,
+        };
+        let addrs = req.decode_addresses;
+        let (chunks_tx, push) = self.open_push(&addrs[0], timeout)?;
 
         let engine = self.engine.clone();
         let events_tx = events.clone();
-        let wire_sampling = req.sampling.unwrap_or_default();
-        let compute = tokio::task::spawn_blocking(move || -> Result<(u64, u32, Instant)> {
+        let stream_header = header.clone();
+        let no_fallback = addrs.len() == 1;
+        let compute = tokio::task::spawn_blocking(move || -> Result<(SequenceState, u64, u32, Instant)> {
             let _slot = slot;
-            let cfg = engine.model.config();
-            let mut enc = StateEncoder::new(cfg, encoding);
-            let ttl = req.state_ttl_ms;
-            let header = enc.header(&req.sequence_id, &engine.name, &req.prompt_ids, &req.prune, wire_sampling, ttl);
-            let closed = || Error::Unavailable(format!("decode worker {} closed the state stream", req.decode_address));
-            chunks_tx.blocking_send(header).map_err(|_| closed())?;
+            let mut enc = StateEncoder::new(engine.model.config(), encoding);
+            // While the decode worker takes chunks, stream them; if it fails, finish the
+            // prefill anyway and push the whole state elsewhere.
+            let mut streaming = chunks_tx.blocking_send(stream_header.chunk(&mut enc)).is_ok();
             let mut sampler = Sampler::new(sampling)?;
-            let mut push_error = None;
             let pre = engine.prefill(&req.prompt_ids, schedule, &mut sampler, &mut |l, layer| {
                 if events_tx.is_closed() {
                     return Err(lazyserve_engine::Error::Cancelled);
                 }
-                for chunk in enc.layer(l, layer) {
-                    if chunks_tx.blocking_send(chunk).is_err() {
-                        push_error = Some(closed());
-                        return Err(lazyserve_engine::Error::Cancelled);
-                    }
+                if streaming {
+                    streaming = enc.layer(l, layer).into_iter().all(|c| chunks_tx.blocking_send(c).is_ok());
                 }
                 Ok(())
-            });
-            let pre = match (pre, push_error) {
-                (_, Some(e)) => return Err(e),
-                (r, None) => r?,
-            };
+            })?;
+            if !streaming && no_fallback {
+                // The state has nowhere to go: fail before the first token, so the router
+                // can still retry the whole request.
+                return Err(Error::Unavailable("the decode worker closed the state stream".into()));
+            }
             let first = FirstToken {
                 token_id: pre.first_token,
                 prefill_ms: pre.prefill.as_secs_f64() * 1e3,
@@ -147,20 +260,48 @@ impl PrefillService {
                 return Err(lazyserve_engine::Error::Cancelled.into());
             }
             let first_at = Instant::now();
-            chunks_tx.blocking_send(enc.trailer()).map_err(|_| closed())?;
-            Ok((enc.bytes(), enc.chunks(), first_at))
+            if streaming {
+                let _ = chunks_tx.blocking_send(enc.trailer());
+            }
+            Ok((pre.state, enc.bytes(), enc.chunks(), first_at))
         });
         let computed = compute.await.map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("prefill panicked")))?;
         let pushed = push.await.map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state push panicked")))?;
-        // A refused or failed push explains a closed chunk stream better than the closing.
-        let (bytes, chunks, first_at) = match (computed, pushed) {
-            (Ok(counts), Ok(_)) => counts,
-            (Err(Error::Unavailable(_)), Err(status)) | (Ok(_), Err(status)) => {
-                return Err(error::from_worker("decode", &addr, status));
-            }
+        let (state, mut bytes, mut chunks, first_at) = match (computed, &pushed) {
+            (Ok(c), _) => c,
+            // The push's own error says why the stream closed.
+            (Err(Error::Unavailable(_)), Err(status)) => return Err(error::from_worker("decode", &addrs[0], status.clone())),
             (Err(e), _) => return Err(e),
         };
-        let sent = StateSent { bytes, chunks, transfer_ms: first_at.elapsed().as_secs_f64() * 1e3 };
+        let mut accepted = None;
+        let mut last_error = None;
+        match pushed {
+            Ok(_) => accepted = Some(addrs[0].clone()),
+            Err(status) => {
+                let e = error::from_worker("decode", &addrs[0], status);
+                tracing::warn!(sequence_id = %header.sequence_id, decode = %addrs[0], error = %e, "state push failed");
+                last_error = Some(e);
+                let state = Arc::new(state);
+                for addr in &addrs[1..] {
+                    match self.push_whole(addr, state.clone(), &header, timeout).await {
+                        Ok((b, c)) => {
+                            (bytes, chunks) = (b, c);
+                            accepted = Some(addr.clone());
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(sequence_id = %header.sequence_id, decode = %addr, error = %e, "state push failed");
+                            last_error = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+        let Some(decode_address) = accepted else {
+            return Err(last_error.expect("a failed push left its error"));
+        };
+        self.counters.served.fetch_add(1, Ordering::SeqCst);
+        let sent = StateSent { bytes, chunks, transfer_ms: first_at.elapsed().as_secs_f64() * 1e3, decode_address };
         let event = prefill_response::Event::StateSent(sent);
         let _ = events.send(Ok(PrefillResponse { event: Some(event) })).await;
         Ok(())
@@ -172,10 +313,11 @@ impl Prefill for PrefillService {
     type PrefillStream = ReceiverStream<std::result::Result<PrefillResponse, Status>>;
 
     async fn prefill(&self, request: Request<PrefillRequest>) -> std::result::Result<Response<Self::PrefillStream>, Status> {
+        let timeout = grpc_timeout(request.metadata());
         let req = request.into_inner();
-        self.validate(&req)?;
+        let checked = self.validate(&req)?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().run(req, tx));
+        tokio::spawn(self.clone().run(req, checked, timeout, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

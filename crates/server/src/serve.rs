@@ -8,14 +8,22 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lazyserve_discovery::etcd::Registration;
+use lazyserve_discovery::{Capacity, Load, Role, WorkerInfo};
+
+use crate::config::RegisterArgs;
 use crate::{DecodeService, PrefillService, Router};
 
-/// The roles one server runs.
+/// The roles one server runs, and the etcd registration to revoke when it drains.
 #[derive(Default)]
 pub struct Roles {
     pub router: Option<Router>,
     pub prefill: Option<PrefillService>,
     pub decode: Option<DecodeService>,
+    pub registration: Option<Registration>,
 }
 
 impl Roles {
@@ -23,6 +31,7 @@ impl Roles {
         let mut names = Vec::new();
         if self.router.is_some() {
             names.push("lazyserve.v1.Generation");
+            names.push("lazyserve.v1.Admin");
         }
         if self.prefill.is_some() {
             names.push("lazyserve.v1.Prefill");
@@ -53,8 +62,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Serves `roles` on `listener` until `shutdown` resolves; then reports NOT_SERVING, stops
-/// taking requests and gives those in flight `grace` to finish.
+/// Serves `roles` on `listener` until `shutdown` resolves; then reports NOT_SERVING, leaves
+/// etcd (the routers drop the worker at once), stops taking requests and gives those in
+/// flight `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     roles: Roles,
@@ -79,6 +89,7 @@ pub async fn serve(
     tracing::info!(%addr, services = ?names, "serving");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
+    let registration = roles.registration;
     let drain = async move {
         shutdown.await;
         tracing::info!("shutting down: NOT_SERVING, finishing requests in flight");
@@ -86,12 +97,16 @@ pub async fn serve(
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
         reporter.set_service_status("", ServingStatus::NotServing).await;
+        if let Some(r) = registration {
+            let _ = tokio::task::spawn_blocking(move || r.revoke()).await;
+        }
         let _ = stopping_tx.send(());
     };
     let server = Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_optional_service(roles.router.clone().map(Router::admin_server))
         .add_optional_service(roles.router.map(Router::into_server))
         .add_optional_service(roles.prefill.map(PrefillService::into_server))
         .add_optional_service(roles.decode.map(DecodeService::into_server))
@@ -117,4 +132,35 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+}
+
+/// Registers a worker in etcd when `args` name etcd endpoints.
+pub fn register(
+    args: &RegisterArgs,
+    role: Role,
+    listen: SocketAddr,
+    meta: (&str, u32),
+    capacity: Capacity,
+    load: Arc<dyn Fn() -> Load + Send + Sync>,
+) -> anyhow::Result<Option<Registration>> {
+    let Some(opts) = args.etcd.options()? else { return Ok(None) };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let address = match &args.advertise_address {
+        Some(a) => a.clone(),
+        None if listen.ip().is_unspecified() => format!("{host}:{}", listen.port()),
+        None => listen.to_string(),
+    };
+    let id = args.worker_id.clone().unwrap_or_else(|| format!("{}-{host}-{}", role.as_str(), listen.port()));
+    let info = WorkerInfo {
+        id,
+        role,
+        address,
+        model: meta.0.to_string(),
+        max_context: meta.1,
+        capacity,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        load: Load::default(),
+    };
+    tracing::info!(id = %info.id, address = %info.address, endpoints = ?opts.endpoints, "registering in etcd");
+    Ok(Some(Registration::start(opts, info, Duration::from_secs(args.lease_ttl_secs.max(1)), load)))
 }

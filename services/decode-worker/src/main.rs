@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
-use lazyserve_server::config::{DecodeArgs, ModelArgs, ServerArgs};
+use lazyserve_server::discovery::Role;
+use lazyserve_server::config::{DecodeArgs, ModelArgs, RegisterArgs, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
 use lazyserve_server::DecodeService;
 
@@ -19,6 +20,8 @@ struct Cli {
     #[command(flatten)]
     decode: DecodeArgs,
     #[command(flatten)]
+    register: RegisterArgs,
+    #[command(flatten)]
     server: ServerArgs,
 }
 
@@ -28,7 +31,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing::info!(config = ?cli, "starting decode worker");
     let engine = Arc::new(cli.model.load()?);
+    let max_context = engine.model.config().max_position_embeddings as u32;
+    let meta = (engine.name.clone(), max_context);
+    let service = DecodeService::new(engine, &cli.decode);
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    let roles = Roles { decode: Some(DecodeService::new(engine, &cli.decode)), ..Roles::default() };
+    let load = { let s = service.clone(); Arc::new(move || s.load()) };
+    let registration = serve::register(&cli.register, Role::Decode, listener.local_addr()?, (&meta.0, meta.1), service.capacity(), load)?;
+    let roles = Roles { decode: Some(service), registration, ..Roles::default() };
     serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
 }

@@ -13,6 +13,9 @@ use lazyserve_model::ChatMessage;
 
 use crate::ModelArgs;
 
+/// Real prose every Debian machine has.
+pub(crate) const DOCUMENTS: &str = "/usr/share/common-licenses/GPL-3,/usr/share/common-licenses/GFDL-1.3,/usr/share/common-licenses/LGPL-2.1,/usr/share/common-licenses/GPL-2,/usr/share/common-licenses/MPL-2.0,/usr/share/common-licenses/Apache-2.0";
+
 #[derive(Args, Debug)]
 pub struct BenchLazyArgs {
     #[command(flatten)]
@@ -27,7 +30,7 @@ pub struct BenchLazyArgs {
     #[arg(long, default_value_t = 40)]
     cases: usize,
     /// Documents (real prose) for the agreement check; the first long enough are used.
-    #[arg(long, value_delimiter = ',', default_value = "/usr/share/common-licenses/GPL-3,/usr/share/common-licenses/GFDL-1.3,/usr/share/common-licenses/LGPL-2.1,/usr/share/common-licenses/GPL-2,/usr/share/common-licenses/MPL-2.0,/usr/share/common-licenses/Apache-2.0")]
+    #[arg(long, value_delimiter = ',', default_value = DOCUMENTS)]
     documents: Vec<PathBuf>,
     /// Greedy tokens compared with dense per document.
     #[arg(long, default_value_t = 32)]
@@ -35,10 +38,12 @@ pub struct BenchLazyArgs {
 }
 
 /// One prompt of the benchmark.
-struct Case {
-    ids: Vec<u32>,
+pub(crate) struct Case {
+    /// The prompt as text (chat template applied), for services that tokenize it themselves.
+    pub text: String,
+    pub ids: Vec<u32>,
     /// The passkey, or None for an agreement document.
-    key: Option<String>,
+    pub key: Option<String>,
     max_tokens: usize,
 }
 
@@ -59,7 +64,7 @@ struct Totals {
 }
 
 /// Splits `filler` tokens around a needle at `depth` and asks for it in the chat template.
-fn passkey_case(m: &Engine, filler: &[u32], n: usize, case: usize, cases: usize) -> anyhow::Result<Case> {
+pub(crate) fn passkey_case(m: &Engine, filler: &[u32], n: usize, case: usize, cases: usize) -> anyhow::Result<Case> {
     let key = format!("{}", 10_000 + (case as u64 * 7919 + n as u64 * 104_729) % 90_000);
     let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key. ");
     let question = "\n\nWhat is the pass key? Answer with the number only.";
@@ -72,8 +77,9 @@ fn passkey_case(m: &Engine, filler: &[u32], n: usize, case: usize, cases: usize)
     let before = m.tokenizer.decode(&text_ids[..cut])?;
     let after = m.tokenizer.decode(&text_ids[cut..])?;
     let content = format!("{before}{needle}{after}{question}");
-    let ids = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?)?;
-    Ok(Case { ids, key: Some(key), max_tokens: 16 })
+    let text = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?;
+    let ids = m.tokenizer.encode(&text)?;
+    Ok(Case { text, ids, key: Some(key), max_tokens: 16 })
 }
 
 fn document_case(m: &Engine, doc: &[u32], n: usize, tokens: usize) -> anyhow::Result<Case> {
@@ -81,8 +87,22 @@ fn document_case(m: &Engine, doc: &[u32], n: usize, tokens: usize) -> anyhow::Re
     let overhead = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: question.into() }])?)?.len();
     let text = m.tokenizer.decode(&doc[..n - overhead])?;
     let content = format!("{text}{question}");
-    let ids = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?)?;
-    Ok(Case { ids, key: None, max_tokens: tokens })
+    let text = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?;
+    let ids = m.tokenizer.encode(&text)?;
+    Ok(Case { text, ids, key: None, max_tokens: tokens })
+}
+
+/// The documents that can be read, tokenized.
+pub(crate) fn read_documents(m: &Engine, paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u32>>> {
+    let docs: Vec<Vec<u32>> = paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| m.tokenizer.encode(&t))
+        .collect::<Result<_, _>>()?;
+    if docs.is_empty() {
+        bail!("none of the documents {paths:?} could be read");
+    }
+    Ok(docs)
 }
 
 fn run_case(m: &Engine, case: &Case, spec: &str) -> anyhow::Result<(Generation, f64)> {
@@ -107,15 +127,7 @@ pub fn run(args: BenchLazyArgs) -> anyhow::Result<()> {
     if let Some(&n) = args.lengths.iter().find(|&&n| n + args.agreement_tokens > max) {
         bail!("length {n} does not fit the model's context of {max}");
     }
-    let docs: Vec<Vec<u32>> = args
-        .documents
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|t| m.tokenizer.encode(&t))
-        .collect::<Result<_, _>>()?;
-    if docs.is_empty() {
-        bail!("none of the --documents could be read");
-    }
+    let docs = read_documents(&m, &args.documents)?;
     let filler: Vec<u32> = docs.iter().flatten().copied().collect();
     let mut schedules = vec!["off".to_string()];
     schedules.extend(args.schedules.iter().cloned());

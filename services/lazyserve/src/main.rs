@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_lazy;
+mod bench_serve;
 mod generate;
 mod serve;
 
@@ -28,6 +29,9 @@ enum Command {
     /// LazyLLM presets and baselines against dense: speed, tokens computed, passkey accuracy,
     /// agreement with dense.
     BenchLazy(bench_lazy::BenchLazyArgs),
+    /// The three services against in-process generation: TTFT, state bytes per preset and
+    /// encoding against a dense f16 KV cache, greedy agreement.
+    BenchServe(bench_serve::BenchServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchLazy(args) => bench_lazy::run(args),
+        Command::BenchServe(args) => bench_serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::Args;
 use lazyserve_server::config::{DecodeArgs, ModelArgs, PrefillArgs, RouterPolicy, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
-use lazyserve_server::{DecodeService, PrefillService, Router, Workers};
+use lazyserve_server::discovery::StaticDiscovery;
+use lazyserve_server::{DecodeService, PrefillService, Router};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -37,11 +38,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         if own.ip().is_unspecified() {
             own.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
         }
-        let workers = Workers { prefill: vec![own.to_string()], decode: vec![own.to_string()] };
+        let own = vec![own.to_string()];
+        let discovery = Arc::new(StaticDiscovery::new(&own, &own));
         let roles = Roles {
-            router: Some(Router::new(meta, args.policy, workers)?),
+            router: Some(Router::new(meta, args.policy, discovery)?),
             prefill: Some(PrefillService::new(engine.clone(), &args.prefill)),
             decode: Some(DecodeService::new(engine, &args.decode)),
+            registration: None,
         };
         eprintln!("lazyserve listening on {}", listener.local_addr()?);
         serve::serve(listener, roles, args.server.grace_period(), serve::shutdown_signal()).await

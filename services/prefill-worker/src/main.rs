@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
-use lazyserve_server::config::{ModelArgs, PrefillArgs, ServerArgs};
+use lazyserve_server::discovery::{Capacity, Role};
+use lazyserve_server::config::{ModelArgs, PrefillArgs, RegisterArgs, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
 use lazyserve_server::PrefillService;
 
@@ -19,6 +20,8 @@ struct Cli {
     #[command(flatten)]
     prefill: PrefillArgs,
     #[command(flatten)]
+    register: RegisterArgs,
+    #[command(flatten)]
     server: ServerArgs,
 }
 
@@ -28,7 +31,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing::info!(config = ?cli, "starting prefill worker");
     let engine = Arc::new(cli.model.load()?);
+    let max_context = engine.model.config().max_position_embeddings as u32;
+    let meta = (engine.name.clone(), max_context);
+    let service = PrefillService::new(engine, &cli.prefill);
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    let roles = Roles { prefill: Some(PrefillService::new(engine, &cli.prefill)), ..Roles::default() };
+    let capacity = Capacity { requests: (cli.prefill.prefill_concurrency + cli.prefill.prefill_queue) as u32, state_bytes: 0 };
+    let load = { let s = service.clone(); Arc::new(move || s.load()) };
+    let registration = serve::register(&cli.register, Role::Prefill, listener.local_addr()?, (&meta.0, meta.1), capacity, load)?;
+    let roles = Roles { prefill: Some(service), registration, ..Roles::default() };
     serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
 }

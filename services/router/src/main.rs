@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use clap::Parser;
 use lazyserve_server::config::{ModelArgs, RouterArgs, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
-use lazyserve_server::{Router, Workers};
+use lazyserve_server::Router;
 
 #[derive(Parser, Debug)]
 #[command(name = "lazyserve-router", version, about = "lazyserve router: tokenizes, routes to prefill and decode workers, streams tokens")]
@@ -27,8 +27,8 @@ async fn main() -> anyhow::Result<()> {
     serve::init_tracing();
     let cli = Cli::parse();
     tracing::info!(config = ?cli, "starting router");
-    let workers = Workers { prefill: cli.router.prefill_workers, decode: cli.router.decode_workers };
-    let router = Router::new(cli.model.load_meta()?, cli.router.policy, workers)?;
+    let discovery = cli.router.discovery()?;
+    let router = Router::new(cli.model.load_meta()?, cli.router.policy, discovery)?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let roles = Roles { router: Some(router), ..Roles::default() };
     serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
