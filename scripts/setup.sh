@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
-# (the proto crate compiles proto/ with it), Python with venv, the Python gRPC client in
-# .venv-grpc, and the model file. Idempotent: installs only what is missing.
+# (the proto crate and etcd-client compile .proto files with it), etcd (the discovery
+# tests start their own), Python with venv, the Python gRPC client in .venv-grpc, and the
+# model file. Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)

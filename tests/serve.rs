@@ -256,6 +256,28 @@ async fn down_workers_give_unavailable_within_the_deadline() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_decode_worker_is_passed_over() -> Result<()> {
+    let cluster = Cluster::start(&[]).await;
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let decodes = format!("{nobody},{}", cluster.decode.addr);
+    // Remote path: the prefill worker pushes to the next decode worker the router named.
+    // Local path: the router retries on the other decode worker.
+    for local_below in ["0", "256"] {
+        let mut router = Cluster::router_for(&cluster.prefill.addr, &decodes, &["--local-prefill-tokens", local_below]);
+        router.ready().await;
+        let mut client = GenerationClient::connect(router.url()).await?;
+        let want = in_process("The capital of France is", 4, "off");
+        for _ in 0..4 {
+            let got = generate(&mut client, req("The capital of France is", 4)).await?;
+            assert_eq!(got.ids, want);
+            assert_eq!(got.complete.timings.unwrap().decode_worker, cluster.decode.addr);
+        }
+    }
+    assert_eq!(cluster.decode_drained(Duration::from_secs(5)).await, (0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_clients_complete_and_overload_is_refused() -> Result<()> {
     let cluster = Cluster::start(&[]).await;
     let prompts: Vec<String> = (0..16).map(|i| format!("Count with me: {i}, {}, {},", i + 1, i + 2)).collect();

@@ -35,7 +35,12 @@ impl Proc {
 
     /// [`Proc::spawn`] with a subcommand (`lazyserve serve`) before the flags.
     pub fn spawn_sub(bin: &str, subcommand: &[&str], args: &[&str]) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
+        Self::spawn_at(bin, subcommand, &format!("127.0.0.1:{}", free_port()), args)
+    }
+
+    /// Starts `bin` listening on `addr` (a restart at the same address).
+    pub fn spawn_at(bin: &str, subcommand: &[&str], addr: &str, args: &[&str]) -> Self {
+        let addr = addr.to_string();
         let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{}.log", std::process::id(), addr.replace(':', "_")));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary(bin))
@@ -92,6 +97,10 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep the log of a failed test for a look.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 pub mod cluster;
+pub mod etcd;
 pub mod reference;
 
 /// A tiny Llama with random weights (deterministic), for fast algorithm tests.
