@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
-# (the proto crate and etcd-client compile .proto files with it), etcd (the discovery
-# tests start their own), Python with venv, the Python gRPC client in .venv-grpc, and the
-# model file. Idempotent: installs only what is missing.
+# (the proto crate and etcd-client compile .proto files with it), etcd and Prometheus
+# (the discovery and telemetry tests start their own), Python with venv, the Python gRPC
+# client in .venv-grpc, and the model file. Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
@@ -16,7 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
 if ! .venv-grpc/bin/python -c "import grpc_tools, grpc_health, grpc_reflection" >/dev/null 2>&1; then

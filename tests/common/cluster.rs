@@ -25,6 +25,8 @@ pub struct Proc {
     pub child: Child,
     pub addr: String,
     pub log: PathBuf,
+    /// The flags it was started with (after `--listen`).
+    pub args: Vec<String>,
 }
 
 impl Proc {
@@ -38,8 +40,17 @@ impl Proc {
         Self::spawn_at(bin, subcommand, &format!("127.0.0.1:{}", free_port()), args)
     }
 
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+        Self::start(bin, &[], &format!("127.0.0.1:{}", free_port()), args, env)
+    }
+
     /// Starts `bin` listening on `addr` (a restart at the same address).
     pub fn spawn_at(bin: &str, subcommand: &[&str], addr: &str, args: &[&str]) -> Self {
+        Self::start(bin, subcommand, addr, args, &[])
+    }
+
+    fn start(bin: &str, subcommand: &[&str], addr: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let addr = addr.to_string();
         let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{}.log", std::process::id(), addr.replace(':', "_")));
         let file = std::fs::File::create(&log).expect("log file");
@@ -50,11 +61,12 @@ impl Proc {
             .args(args)
             .env("LAZYSERVE_MODEL", model_path())
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-        Self { child, addr, log }
+        Self { child, addr, log, args: args.iter().map(|a| a.to_string()).collect() }
     }
 
     pub fn url(&self) -> String {

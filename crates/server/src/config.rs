@@ -120,6 +120,56 @@ pub struct ServerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
     #[arg(long, env = "LAZYSERVE_GRACE_PERIOD_SECS", default_value_t = 30)]
     pub grace_period_secs: u64,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs, traces and metrics. `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER` (with
+/// `OTEL_TRACES_SAMPLER_ARG`) and `OTEL_RESOURCE_ATTRIBUTES` apply as usual.
+#[derive(Args, Debug, Clone)]
+pub struct TelemetryArgs {
+    /// OTLP/gRPC collector for traces and metrics, e.g. http://127.0.0.1:4317 (unset: no
+    /// export; a collector that is down never slows requests).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log lines as text or JSON (request id and trace id on every line of a request).
+    #[arg(long, env = "LAZYSERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Address of the Prometheus endpoint (GET /metrics), e.g. 0.0.0.0:9090 (unset: none).
+    #[arg(long, env = "LAZYSERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl TelemetryArgs {
+    /// Sets up logging and tracing for `service` (inside the Tokio runtime).
+    pub fn init(&self, service: &str) -> anyhow::Result<lazyserve_telemetry::Telemetry> {
+        let cfg = lazyserve_telemetry::Config {
+            service_name: service.to_string(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            log_format: match self.log_format {
+                LogFormat::Text => lazyserve_telemetry::LogFormat::Text,
+                LogFormat::Json => lazyserve_telemetry::LogFormat::Json,
+            },
+            default_filter: "info".into(),
+        };
+        Ok(lazyserve_telemetry::init(&cfg)?)
+    }
+
+    /// The metrics of a service; serves them when `--metrics-listen` is set.
+    pub async fn metrics(&self, model: &str, role: &str, exporting: bool) -> anyhow::Result<lazyserve_telemetry::Metrics> {
+        let metrics = lazyserve_telemetry::Metrics::new(model, role, exporting)?;
+        if let Some(addr) = self.metrics_listen {
+            metrics.serve(addr).await?;
+        }
+        Ok(metrics)
+    }
 }
 
 impl ServerArgs {

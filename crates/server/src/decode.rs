@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use lazyserve_discovery::{Capacity, Load};
+use lazyserve_telemetry::metrics::Gauges;
+use tracing::Instrument;
 use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams, MAX_NEW_TOKENS};
 use lazyserve_proto::state::{StateAssembler, StateError};
@@ -124,6 +126,17 @@ impl DecodeService {
     /// The capacity reported to etcd.
     pub fn capacity(&self) -> Capacity {
         Capacity { requests: self.inner.max_sequences as u32, state_bytes: self.inner.max_bytes as u64 }
+    }
+
+    /// The metrics gauges.
+    pub fn gauges(&self) -> Gauges {
+        let l = self.load();
+        Gauges {
+            inflight_requests: l.inflight as i64,
+            decode_sequences_held: l.sequences as i64,
+            decode_state_bytes_held: l.state_bytes as i64,
+            ..Gauges::default()
+        }
     }
 
     /// Load as reported to etcd.
@@ -303,6 +316,7 @@ fn decode_loop(
             prev = next;
         }
     }
+    tracing::Span::current().record("lazyserve.tokens", produced as i64).record("lazyserve.revived_tokens", state.stats.revived as i64);
     send(decode_response::Event::Done(DecodeDone {
         computed_percent: 100.0 * state.computed_fraction(),
         revived_tokens: state.stats.revived as u64,
@@ -313,13 +327,29 @@ fn decode_loop(
 #[tonic::async_trait]
 impl Decode for DecodeService {
     async fn push_state(&self, request: Request<Streaming<StateChunk>>) -> std::result::Result<Response<PushStateResponse>, Status> {
-        let bytes = self.receive(request.into_inner()).await?;
+        let span = tracing::info_span!("receive_state", otel.kind = "server", trace_id = tracing::field::Empty, lazyserve.bytes = tracing::field::Empty);
+        lazyserve_telemetry::extract(&span, request.metadata());
+        span.record("trace_id", lazyserve_telemetry::trace_id(&span));
+        let bytes = self.receive(request.into_inner()).instrument(span.clone()).await?;
+        span.record("lazyserve.bytes", bytes as i64);
         Ok(Response::new(PushStateResponse { bytes }))
     }
 
     type DecodeStream = DecodeStream;
 
     async fn decode(&self, request: Request<DecodeRequest>) -> std::result::Result<Response<DecodeStream>, Status> {
+        let empty = tracing::field::Empty;
+        let span = tracing::info_span!(
+            "decode",
+            otel.kind = "server",
+            sequence_id = %request.get_ref().sequence_id,
+            trace_id = empty,
+            lazyserve.local_prefill = request.get_ref().local.is_some(),
+            lazyserve.tokens = empty,
+            lazyserve.revived_tokens = empty,
+        );
+        lazyserve_telemetry::extract(&span, request.metadata());
+        span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
         let vocab = self.inner.engine.model.config().vocab_size;
         if req.max_tokens == 0 || req.max_tokens as usize > MAX_NEW_TOKENS {
@@ -338,6 +368,7 @@ impl Decode for DecodeService {
             None => {
                 let (state, sampler, owned) = self.take(&req.sequence_id)?;
                 tokio::task::spawn_blocking(move || {
+                    let _span = span.enter();
                     let _owned = owned;
                     if let Err(e) = decode_loop(&engine, state, sampler, req.first_token, max_tokens, &tx) {
                         let _ = tx.blocking_send(Err(e.into()));
@@ -349,6 +380,7 @@ impl Decode for DecodeService {
                 let (schedule, sampler) = self.check_local(&local)?;
                 let owned = self.hold_local(&req.sequence_id)?;
                 tokio::task::spawn_blocking(move || {
+                    let _span = span.enter();
                     let _owned = owned;
                     let result = (|| -> Result<()> {
                         let mut sampler = sampler;

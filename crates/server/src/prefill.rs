@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lazyserve_discovery::Load;
+use lazyserve_telemetry::metrics::Gauges;
+use tracing::Instrument;
 use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams};
 use lazyserve_proto::state::StateEncoder;
@@ -104,6 +106,12 @@ impl PrefillService {
         PrefillServer::new(self)
     }
 
+    /// The metrics gauges.
+    pub fn gauges(&self) -> Gauges {
+        let l = self.load();
+        Gauges { inflight_requests: l.inflight as i64, queued_prompt_tokens: l.queued_prompt_tokens as i64, ..Gauges::default() }
+    }
+
     /// Load as reported to etcd.
     pub fn load(&self) -> Load {
         let c = &self.counters;
@@ -157,6 +165,7 @@ impl PrefillService {
         &self,
         addr: &str,
         timeout: Option<Duration>,
+        span: &tracing::Span,
     ) -> Result<(mpsc::Sender<StateChunk>, tokio::task::JoinHandle<std::result::Result<Response<PushStateResponse>, Status>>)> {
         let mut client = DecodeClient::new(self.channels.get(addr)?);
         let (tx, rx) = mpsc::channel(4);
@@ -164,7 +173,8 @@ impl PrefillService {
         if let Some(t) = timeout {
             req.set_timeout(t);
         }
-        Ok((tx, tokio::spawn(async move { client.push_state(req).await })))
+        lazyserve_telemetry::inject(span, req.metadata_mut());
+        Ok((tx, tokio::spawn(async move { client.push_state(req).await }.instrument(span.clone()))))
     }
 
     /// Pushes a finished state whole (after the first decode worker failed).
@@ -175,7 +185,8 @@ impl PrefillService {
         header: &HeaderInfo,
         timeout: Option<Duration>,
     ) -> Result<(u64, u32)> {
-        let (tx, push) = self.open_push(addr, timeout)?;
+        let span = transfer_span(addr);
+        let (tx, push) = self.open_push(addr, timeout, &span)?;
         let engine = self.engine.clone();
         let header = header.clone();
         let encode = tokio::task::spawn_blocking(move || {
@@ -189,6 +200,7 @@ impl PrefillService {
             (enc.bytes(), enc.chunks(), ok)
         });
         let (bytes, chunks, _) = encode.await.map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state encoding panicked")))?;
+        span.record("lazyserve.bytes", bytes as i64).record("lazyserve.chunks", chunks as i64);
         match push.await {
             Ok(Ok(_)) => Ok((bytes, chunks)),
             Ok(Err(s)) => Err(error::from_worker("decode", addr, s)),
@@ -206,7 +218,8 @@ impl PrefillService {
     async fn run_inner(&self, req: PrefillRequest, checked: Checked, timeout: Option<Duration>, events: &Events) -> Result<()> {
         let (schedule, sampling, encoding) = checked;
         let mut admitted = self.admit(req.prompt_ids.len() as u64)?;
-        let slot = self.slots.clone().acquire_owned().await.expect("prefill slots are never closed");
+        let queue = tracing::info_span!("queue", lazyserve.waiting = i64::from(self.counters.waiting.load(Ordering::SeqCst)));
+        let slot = self.slots.clone().acquire_owned().instrument(queue).await.expect("prefill slots are never closed");
         admitted.started();
         if events.is_closed() {
             return Ok(());
@@ -221,14 +234,18 @@ impl PrefillService {
             encoding,
         };
         let addrs = req.decode_addresses;
-        let (chunks_tx, push) = self.open_push(&addrs[0], timeout)?;
+        let transfer = transfer_span(&addrs[0]);
+        let (chunks_tx, push) = self.open_push(&addrs[0], timeout, &transfer)?;
 
         let engine = self.engine.clone();
         let events_tx = events.clone();
         let stream_header = header.clone();
         let no_fallback = addrs.len() == 1;
+        let compute_span = tracing::info_span!("compute", lazyserve.computed_percent = tracing::field::Empty);
         let compute = tokio::task::spawn_blocking(move || -> Result<(SequenceState, u64, u32, Instant)> {
             let _slot = slot;
+            let _span = compute_span.enter();
+            let mut alive = req.prompt_ids.len();
             let mut enc = StateEncoder::new(engine.model.config(), encoding);
             // While the decode worker takes chunks, stream them; if it fails, finish the
             // prefill anyway and push the whole state elsewhere.
@@ -237,6 +254,11 @@ impl PrefillService {
             let pre = engine.prefill(&req.prompt_ids, schedule, &mut sampler, &mut |l, layer| {
                 if events_tx.is_closed() {
                     return Err(lazyserve_engine::Error::Cancelled);
+                }
+                if layer.kv.len() != alive {
+                    // An event per pruning stage: the tokens computed from this layer on.
+                    alive = layer.kv.len();
+                    tracing::info!(layer = l as i64, tokens_kept = alive as i64, "pruned");
                 }
                 if streaming {
                     streaming = enc.layer(l, layer).into_iter().all(|c| chunks_tx.blocking_send(c).is_ok());
@@ -253,6 +275,7 @@ impl PrefillService {
                 prefill_ms: pre.prefill.as_secs_f64() * 1e3,
                 computed_percent: 100.0 * pre.state.computed_fraction(),
             };
+            tracing::Span::current().record("lazyserve.computed_percent", first.computed_percent);
             let event = prefill_response::Event::FirstToken(first);
             if events_tx.blocking_send(Ok(PrefillResponse { event: Some(event) })).is_err() {
                 // The router went away: end the stream without a trailer, which the decode
@@ -276,7 +299,10 @@ impl PrefillService {
         let mut accepted = None;
         let mut last_error = None;
         match pushed {
-            Ok(_) => accepted = Some(addrs[0].clone()),
+            Ok(_) => {
+                transfer.record("lazyserve.bytes", bytes as i64).record("lazyserve.chunks", chunks as i64);
+                accepted = Some(addrs[0].clone());
+            }
             Err(status) => {
                 let e = error::from_worker("decode", &addrs[0], status);
                 tracing::warn!(sequence_id = %header.sequence_id, decode = %addrs[0], error = %e, "state push failed");
@@ -308,16 +334,32 @@ impl PrefillService {
     }
 }
 
+/// The client span of one state push (bytes and chunks recorded when it is accepted).
+fn transfer_span(addr: &str) -> tracing::Span {
+    let empty = tracing::field::Empty;
+    tracing::info_span!("state_transfer", otel.kind = "client", lazyserve.decode_worker = %addr, lazyserve.bytes = empty, lazyserve.chunks = empty)
+}
+
 #[tonic::async_trait]
 impl Prefill for PrefillService {
     type PrefillStream = ReceiverStream<std::result::Result<PrefillResponse, Status>>;
 
     async fn prefill(&self, request: Request<PrefillRequest>) -> std::result::Result<Response<Self::PrefillStream>, Status> {
         let timeout = grpc_timeout(request.metadata());
+        let span = tracing::info_span!(
+            "prefill",
+            otel.kind = "server",
+            sequence_id = %request.get_ref().sequence_id,
+            trace_id = tracing::field::Empty,
+            lazyserve.prompt_tokens = request.get_ref().prompt_ids.len() as i64,
+            lazyserve.prune = %request.get_ref().prune,
+        );
+        lazyserve_telemetry::extract(&span, request.metadata());
+        span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
         let checked = self.validate(&req)?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.clone().run(req, checked, timeout, tx));
+        tokio::spawn(self.clone().run(req, checked, timeout, tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

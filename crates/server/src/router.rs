@@ -22,7 +22,11 @@ use lazyserve_proto::v1::{
     GenerateResponse, ListWorkersRequest, ListWorkersResponse, LocalPrefill, ModelInfoRequest, ModelInfoResponse,
     PrefillRequest, PrefillResponse, ReleaseRequest, StreamError, TextChunk, Timings, Usage, WorkerStatus,
 };
+use lazyserve_telemetry::metrics::Gauges;
+use lazyserve_telemetry::Metrics;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tokio::time::timeout_at;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -47,6 +51,7 @@ struct Inner {
     channels: Channels,
     inflight: Arc<Semaphore>,
     next_id: AtomicUsize,
+    metrics: Metrics,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -95,6 +100,8 @@ struct Job {
     deadline: tokio::time::Instant,
     /// Upper bound of the state's size: a dense f16 KV cache of the prompt.
     state_bytes: u64,
+    /// The GenAI operation: `chat` or `text_completion`.
+    operation: &'static str,
 }
 
 impl Job {
@@ -146,7 +153,7 @@ fn ms(d: Duration) -> f64 {
 
 impl Router {
     /// A router for the model described by `meta`, over the workers `discovery` finds.
-    pub fn new(meta: ModelMeta, policy: RouterPolicy, discovery: Arc<dyn Discovery>) -> anyhow::Result<Self> {
+    pub fn new(meta: ModelMeta, policy: RouterPolicy, discovery: Arc<dyn Discovery>, metrics: Metrics) -> anyhow::Result<Self> {
         Schedule::parse(&policy.default_prune, meta.config.num_hidden_layers)
             .map_err(|e| anyhow::anyhow!("--default-prune: {e}"))?;
         Ok(Self {
@@ -158,8 +165,21 @@ impl Router {
                 routed: Mutex::default(),
                 channels: Channels::default(),
                 next_id: AtomicUsize::new(0),
+                metrics,
             }),
         })
+    }
+
+    /// Requests in flight and prompt tokens sent to prefill workers and not yet prefilled.
+    pub fn gauges(&self) -> Gauges {
+        let inner = &self.inner;
+        let routed = inner.routed.lock().expect("routed lock");
+        let queued: u64 = routed.iter().filter(|(k, _)| k.starts_with("prefill/")).map(|(_, r)| r.prompt_tokens).sum();
+        Gauges {
+            inflight_requests: (inner.policy.max_inflight - inner.inflight.available_permits()) as i64,
+            queued_prompt_tokens: queued as i64,
+            ..Gauges::default()
+        }
     }
 
     pub fn into_server(self) -> GenerationServer<Self> {
@@ -177,6 +197,7 @@ impl Router {
         if let Some(model) = req.model.as_deref().filter(|m| !m.is_empty() && *m != meta.name) {
             return Err(invalid("model", format!("unknown model {model:?}; this router serves {:?}", meta.name)));
         }
+        let operation = if matches!(req.input, Some(Input::Chat(_))) { "chat" } else { "text_completion" };
         let text = match req.input {
             None => return Err(invalid("prompt", "is missing: set prompt or chat")),
             Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt", "is empty")),
@@ -223,7 +244,7 @@ impl Router {
         let deadline = tokio::time::Instant::now() + timeout.map_or(limit, |t| t.min(limit));
         let cfg = &meta.config;
         let state_bytes = (prompt_ids.len() * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2) as u64;
-        Ok(Job { request_id, prompt_ids, max_tokens, stop: req.stop, sampling, prune, start, deadline, state_bytes })
+        Ok(Job { request_id, prompt_ids, max_tokens, stop: req.stop, sampling, prune, start, deadline, state_bytes, operation })
     }
 
     /// Workers of `role` serving this router's model, except `exclude`d addresses.
@@ -291,9 +312,12 @@ impl Router {
         let result = self.run_inner(job, &events, &mut delivered).await;
         if let Err(e) = result {
             if matches!(e, Error::ClientGone) {
+                self.inner.metrics.requests.with_label_values(&["cancelled"]).inc();
                 tracing::info!(%request_id, delivered, "client went away");
                 return;
             }
+            self.inner.metrics.requests.with_label_values(&["error"]).inc();
+            tracing::Span::current().set_status(opentelemetry::trace::Status::error(e.to_string()));
             tracing::warn!(%request_id, error = %e, delivered, "request failed");
             let msg = if delivered == 0 {
                 Err(e.into())
@@ -329,6 +353,7 @@ impl Router {
             state_ttl_ms: inner.policy.state_ttl_secs.saturating_mul(1000),
         });
         req.set_timeout(job.remaining());
+        lazyserve_telemetry::inject(&tracing::Span::current(), req.metadata_mut());
         let mut client = PrefillClient::new(inner.channels.get(&addr).map_err(fail)?);
         let mut stream = timeout_at(job.deadline, client.prefill(req))
             .await
@@ -361,6 +386,7 @@ impl Router {
             }),
         });
         req.set_timeout(job.remaining());
+        lazyserve_telemetry::inject(&tracing::Span::current(), req.metadata_mut());
         let mut client = DecodeClient::new(inner.channels.get(&addr).map_err(fail)?);
         let mut stream = timeout_at(job.deadline, client.decode(req))
             .await
@@ -387,7 +413,12 @@ impl Router {
         let (mut attempts, mut tried, mut first_error) = (0u32, Vec::new(), None);
         let started = loop {
             attempts += 1;
-            let r = if local { self.start_local(&job, &tried, events).await } else { self.start_remote(&job, &tried, events).await };
+            let span = tracing::info_span!("prefill", otel.kind = "client", lazyserve.attempt = attempts, lazyserve.local = local);
+            let r = if local {
+                self.start_local(&job, &tried, events).instrument(span).await
+            } else {
+                self.start_remote(&job, &tried, events).instrument(span).await
+            };
             match r {
                 Ok(s) => break s,
                 Err((Some(addr), e)) if attempts < 2 && e.retryable() && !job.remaining().is_zero() => {
@@ -408,22 +439,30 @@ impl Router {
         let ids = if step.finish == Some(FinishReason::Eos) { vec![] } else { vec![first.token_id] };
         let ttft = job.start.elapsed();
         if !send_chunk(events, step.text, ids).await {
-            return Ok(());
+            return Err(Error::ClientGone);
         }
+        let request_span = tracing::Span::current();
+        request_span.record("lazyserve.ttft_ms", ms(ttft));
+        tracing::info!(ttft_ms = ms(ttft), "first token");
+        inner.metrics.observe_ttft(ttft.as_secs_f64());
         *delivered = out.token_ids().len() as u32;
         let mut finish = step.finish;
         let (mut computed_percent, mut revived) = (first.computed_percent, 0);
         let (mut transfer_ms, mut state_bytes) = (0.0, 0);
 
         let decode_start = Instant::now();
+        let decode_span = tracing::info_span!("decode", otel.kind = "client", lazyserve.tokens = tracing::field::Empty);
         let (prefill_worker, decode_worker, stream, _on_decode) = match started.source {
             Source::Local { stream, addr, _on_decode } => (String::new(), addr, Some(stream), _on_decode),
             Source::Remote { mut stream, addr, _on_prefill, mut release, sequence_id } => {
-                let sent = match next_event(&mut stream, job.deadline, &addr, events).await {
+                let span = tracing::info_span!("state_transfer", lazyserve.bytes = tracing::field::Empty, lazyserve.chunks = tracing::field::Empty);
+                let sent = match next_event(&mut stream, job.deadline, &addr, events).instrument(span.clone()).await {
                     Ok(Some(prefill_response::Event::StateSent(s))) => s,
                     Ok(_) => return Err(Error::Unavailable(format!("prefill worker {addr} ended before the state was sent"))),
                     Err(e) => return Err(e.unwrap_or_else(|| job.late())),
                 };
+                span.record("lazyserve.bytes", sent.bytes as i64).record("lazyserve.chunks", sent.chunks as i64);
+                inner.metrics.observe_transfer(sent.transfer_ms / 1e3, sent.bytes);
                 drop(_on_prefill);
                 (transfer_ms, state_bytes) = (sent.transfer_ms, sent.bytes);
                 let decode_addr = sent.decode_address;
@@ -436,6 +475,7 @@ impl Router {
                         local: None,
                     });
                     req.set_timeout(job.remaining());
+                    lazyserve_telemetry::inject(&decode_span, req.metadata_mut());
                     let mut decode = DecodeClient::new(inner.channels.get(&decode_addr)?);
                     let stream = timeout_at(job.deadline, decode.decode(req))
                         .await
@@ -453,34 +493,42 @@ impl Router {
         };
 
         if let (Some(mut stream), None) = (stream, finish) {
-            while finish.is_none() {
-                let msg = tokio::select! {
-                    m = timeout_at(job.deadline, stream.message()) => m.map_err(|_| job.late())?,
-                    _ = events.closed() => return Ok(()),
-                };
-                match msg.map_err(|s| error::from_worker("decode", &decode_worker, s))?.and_then(|m| m.event) {
-                    Some(decode_response::Event::TokenId(id)) => {
-                        let step = out.push(id)?;
-                        let ids = if step.finish == Some(FinishReason::Eos) { vec![] } else { vec![id] };
-                        if !send_chunk(events, step.text, ids).await {
-                            return Ok(());
+            let relay = async {
+                let mut last = Instant::now();
+                while finish.is_none() {
+                    let msg = tokio::select! {
+                        m = timeout_at(job.deadline, stream.message()) => m.map_err(|_| job.late())?,
+                        _ = events.closed() => return Err(Error::ClientGone),
+                    };
+                    match msg.map_err(|s| error::from_worker("decode", &decode_worker, s))?.and_then(|m| m.event) {
+                        Some(decode_response::Event::TokenId(id)) => {
+                            inner.metrics.observe_inter_token(last.elapsed().as_secs_f64());
+                            last = Instant::now();
+                            let step = out.push(id)?;
+                            let ids = if step.finish == Some(FinishReason::Eos) { vec![] } else { vec![id] };
+                            if !send_chunk(events, step.text, ids).await {
+                                return Err(Error::ClientGone);
+                            }
+                            *delivered = out.token_ids().len() as u32;
+                            finish = step.finish;
                         }
-                        *delivered = out.token_ids().len() as u32;
-                        finish = step.finish;
-                    }
-                    _ => return Err(Error::Unavailable(format!("decode worker {decode_worker} ended the stream early"))),
-                }
-            }
-            // At EOS or the length limit the decode worker ends too, and reports its counters;
-            // at a stop string dropping the stream stops it.
-            if finish != Some(FinishReason::Stop) {
-                if let Ok(Ok(Some(m))) = timeout_at(job.deadline, stream.message()).await {
-                    if let Some(decode_response::Event::Done(done)) = m.event {
-                        computed_percent = done.computed_percent;
-                        revived = done.revived_tokens;
+                        _ => return Err(Error::Unavailable(format!("decode worker {decode_worker} ended the stream early"))),
                     }
                 }
-            }
+                // At EOS or the length limit the decode worker ends too, and reports its
+                // counters; at a stop string dropping the stream stops it.
+                if finish != Some(FinishReason::Stop) {
+                    if let Ok(Ok(Some(m))) = timeout_at(job.deadline, stream.message()).await {
+                        if let Some(decode_response::Event::Done(done)) = m.event {
+                            computed_percent = done.computed_percent;
+                            revived = done.revived_tokens;
+                        }
+                    }
+                }
+                Ok(())
+            };
+            relay.instrument(decode_span.clone()).await?;
+            decode_span.record("lazyserve.tokens", out.token_ids().len() as i64);
         }
         let finish = finish.expect("the loop ends with a reason");
         let total = job.start.elapsed();
@@ -507,6 +555,18 @@ impl Router {
             }),
             request_id: job.request_id.clone(),
         };
+        let m = &inner.metrics;
+        m.observe_request(total.as_secs_f64());
+        m.prompt_tokens.inc_by(job.prompt_ids.len() as u64);
+        m.generation_tokens.inc_by(out.token_ids().len() as u64);
+        m.computed_ratio.observe(computed_percent / 100.0);
+        m.requests.with_label_values(&[finish.as_str()]).inc();
+        request_span
+            .record("gen_ai.usage.output_tokens", out.token_ids().len() as i64)
+            .record("lazyserve.prompt_tokens_computed_percent", computed_percent)
+            .record("lazyserve.revived_tokens", revived as i64)
+            .record("lazyserve.prefill_path", if local { "local" } else { "remote" });
+        lazyserve_telemetry::set_finish_reasons(&request_span, &[finish.as_str()]);
         tracing::info!(request_id = %job.request_id, prompt_tokens = job.prompt_ids.len(), completion_tokens = out.token_ids().len(),
             finish = finish.as_str(), ttft_ms = ms(ttft), total_ms = ms(total), prefill = %prefill_worker, decode = %decode_worker,
             local, attempts, "request done");
@@ -571,12 +631,37 @@ impl Generation for Router {
 
     async fn generate(&self, request: Request<GenerateRequest>) -> std::result::Result<Response<Self::GenerateStream>, Status> {
         let timeout = grpc_timeout(request.metadata());
+        let metadata = request.metadata().clone();
         let permit = self.inner.inflight.clone().try_acquire_owned().map_err(|_| {
             Error::Overloaded(format!("router has {} requests in flight; retry later", self.inner.policy.max_inflight))
         })?;
         let job = self.job(request.into_inner(), timeout)?;
+        let model = &self.inner.meta.name;
+        let empty = tracing::field::Empty;
+        // The request span, named and attributed after the OpenTelemetry GenAI conventions.
+        let span = tracing::info_span!(
+            "generate",
+            otel.name = %format!("{} {model}", job.operation),
+            otel.kind = "server",
+            gen_ai.operation.name = job.operation,
+            gen_ai.request.model = %model,
+            gen_ai.request.max_tokens = job.max_tokens as i64,
+            gen_ai.request.temperature = job.sampling.temperature as f64,
+            gen_ai.request.top_p = job.sampling.top_p as f64,
+            gen_ai.usage.input_tokens = job.prompt_ids.len() as i64,
+            gen_ai.usage.output_tokens = empty,
+            request_id = %job.request_id,
+            trace_id = empty,
+            lazyserve.prune = %job.prune,
+            lazyserve.ttft_ms = empty,
+            lazyserve.prompt_tokens_computed_percent = empty,
+            lazyserve.revived_tokens = empty,
+            lazyserve.prefill_path = empty,
+        );
+        lazyserve_telemetry::extract(&span, &metadata);
+        span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(self.clone().run(job, tx, permit));
+        tokio::spawn(self.clone().run(job, tx, permit).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

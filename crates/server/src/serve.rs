@@ -126,14 +126,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
-}
-
 /// Registers a worker in etcd when `args` name etcd endpoints.
 pub fn register(
     args: &RegisterArgs,

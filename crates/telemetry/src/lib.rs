@@ -18,7 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 pub use metrics::Metrics;
-pub use propagation::{extract, inject, trace_id};
+pub use propagation::{extract, inject, set_finish_reasons, trace_id};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -57,3 +57,9 @@ pub fn trace_id(span: &tracing::Span) -> String {
         String::new()
     }
 }
+
+/// Sets `gen_ai.response.finish_reasons` (a string array, which `tracing` fields cannot hold).
+pub fn set_finish_reasons(span: &tracing::Span, reasons: &[&str]) {
+    let values: Vec<opentelemetry::StringValue> = reasons.iter().map(|r| r.to_string().into()).collect();
+    span.set_attribute("gen_ai.response.finish_reasons", opentelemetry::Value::Array(values.into()));
+}

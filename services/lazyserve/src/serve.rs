@@ -9,6 +9,7 @@ use clap::Args;
 use lazyserve_server::config::{DecodeArgs, ModelArgs, PrefillArgs, RouterPolicy, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
 use lazyserve_server::discovery::StaticDiscovery;
+use lazyserve_telemetry::metrics::Gauges;
 use lazyserve_server::{DecodeService, PrefillService, Router};
 
 #[derive(Args, Debug)]
@@ -29,10 +30,12 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing::info!(config = ?args, "starting lazyserve serve");
-    let engine = Arc::new(args.model.load()?);
-    let meta = args.model.load_meta()?;
     tokio::runtime::Runtime::new()?.block_on(async move {
+        let telemetry = args.server.telemetry.init("lazyserve")?;
+        tracing::info!(config = ?args, "starting lazyserve serve");
+        let engine = Arc::new(args.model.load()?);
+        let meta = args.model.load_meta()?;
+        let metrics = args.server.telemetry.metrics(&meta.name, "all", telemetry.exporting()).await?;
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         let mut own = listener.local_addr()?;
         if own.ip().is_unspecified() {
@@ -40,13 +43,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let own = vec![own.to_string()];
         let discovery = Arc::new(StaticDiscovery::new(&own, &own));
-        let roles = Roles {
-            router: Some(Router::new(meta, args.policy, discovery)?),
-            prefill: Some(PrefillService::new(engine.clone(), &args.prefill)),
-            decode: Some(DecodeService::new(engine, &args.decode)),
-            registration: None,
-        };
+        let router = Router::new(meta, args.policy, discovery, metrics.clone())?;
+        let prefill = PrefillService::new(engine.clone(), &args.prefill);
+        let decode = DecodeService::new(engine, &args.decode);
+        let (r, p, d) = (router.clone(), prefill.clone(), decode.clone());
+        // Requests in flight are the router's; the workers add their queue and their states.
+        metrics.add_gauges(move || r.gauges());
+        metrics.add_gauges(move || Gauges { inflight_requests: 0, ..p.gauges() });
+        metrics.add_gauges(move || Gauges { inflight_requests: 0, ..d.gauges() });
+        let roles = Roles { router: Some(router), prefill: Some(prefill), decode: Some(decode), registration: None };
         eprintln!("lazyserve listening on {}", listener.local_addr()?);
-        serve::serve(listener, roles, args.server.grace_period(), serve::shutdown_signal()).await
+        let result = serve::serve(listener, roles, args.server.grace_period(), serve::shutdown_signal()).await;
+        tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+        result
     })
 }

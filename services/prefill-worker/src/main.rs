@@ -27,8 +27,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    serve::init_tracing();
     let cli = Cli::parse();
+    let telemetry = cli.server.telemetry.init("lazyserve-prefill-worker")?;
     tracing::info!(config = ?cli, "starting prefill worker");
     let engine = Arc::new(cli.model.load()?);
     let max_context = engine.model.config().max_position_embeddings as u32;
@@ -38,6 +38,11 @@ async fn main() -> anyhow::Result<()> {
     let capacity = Capacity { requests: (cli.prefill.prefill_concurrency + cli.prefill.prefill_queue) as u32, state_bytes: 0 };
     let load = { let s = service.clone(); Arc::new(move || s.load()) };
     let registration = serve::register(&cli.register, Role::Prefill, listener.local_addr()?, (&meta.0, meta.1), capacity, load)?;
+    let metrics = cli.server.telemetry.metrics(&meta.0, "prefill", telemetry.exporting()).await?;
+    let gauges = service.clone();
+    metrics.add_gauges(move || gauges.gauges());
     let roles = Roles { prefill: Some(service), registration, ..Roles::default() };
-    serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
+    let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    result
 }

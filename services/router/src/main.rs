@@ -24,12 +24,17 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    serve::init_tracing();
     let cli = Cli::parse();
+    let telemetry = cli.server.telemetry.init("lazyserve-router")?;
     tracing::info!(config = ?cli, "starting router");
-    let discovery = cli.router.discovery()?;
-    let router = Router::new(cli.model.load_meta()?, cli.router.policy, discovery)?;
+    let meta = cli.model.load_meta()?;
+    let metrics = cli.server.telemetry.metrics(&meta.name, "router", telemetry.exporting()).await?;
+    let router = Router::new(meta, cli.router.policy.clone(), cli.router.discovery()?, metrics.clone())?;
+    let gauges = router.clone();
+    metrics.add_gauges(move || gauges.gauges());
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let roles = Roles { router: Some(router), ..Roles::default() };
-    serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await
+    let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    result
 }
