@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
 # (the proto crate and etcd-client compile .proto files with it), etcd and Prometheus
-# (the discovery and telemetry tests start their own), Python with venv, the Python gRPC
-# client in .venv-grpc, and the model file. Idempotent: installs only what is missing.
+# (the discovery and telemetry tests start their own), kubectl (the manifest tests render
+# k8s/ with it), Python with venv, the Python gRPC client in .venv-grpc, and the model
+# file. Idempotent: installs only what is missing. The container tests also need Docker
+# with docker-compose, which this script does not install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
+command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)

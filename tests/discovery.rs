@@ -3,12 +3,9 @@
 //! under load or an etcd outage never leaves a request hanging or state behind.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
-use lazyserve_model::{KvDtype, WeightFormat};
 use lazyserve_proto::v1::admin_client::AdminClient;
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::generate_request::Input;
@@ -17,28 +14,11 @@ use lazyserve_proto::v1::generation_client::GenerationClient;
 use lazyserve_proto::v1::{Completion, GenerateRequest as Req, ListWorkersRequest, StatsRequest};
 use lazyserve_tests::cluster::Proc;
 use lazyserve_tests::etcd::Etcd;
-use lazyserve_tests::model_path;
+use lazyserve_tests::in_process;
 use tonic::Code;
 
 /// Short leases so that a dead worker leaves quickly.
 const TTL_SECS: u64 = 3;
-
-fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| Engine::new(lazyserve_model::load(&model_path(), WeightFormat::Q8Decode).unwrap(), KvDtype::F16))
-}
-
-fn in_process(prompt: &str, max_tokens: usize) -> Vec<u32> {
-    let e = engine();
-    let req = GenerateRequest {
-        prompt_ids: e.tokenizer.encode(prompt).unwrap(),
-        max_tokens,
-        stop: vec![],
-        sampling: SamplingParams::default(),
-        schedule: e.schedule("off").unwrap(),
-    };
-    e.generate(&req, |_| true).unwrap().token_ids
-}
 
 fn worker(etcd: &Etcd, role: &str) -> Proc {
     let bin = format!("lazyserve-{role}-worker");
@@ -165,7 +145,7 @@ async fn two_pools_share_load_and_survive_a_killed_prefill_worker() -> Result<()
     until_set(&router, Duration::from_secs(5), |p, d| p.len() == 2 && d.len() == 2).await?;
 
     let prompts: Vec<String> = (0..32).map(|i| format!("Count with me: {i}, {}, {},", i + 1, i + 2)).collect();
-    let wants: Vec<Vec<u32>> = prompts.iter().map(|p| in_process(p, 8)).collect();
+    let wants: Vec<Vec<u32>> = prompts.iter().map(|p| in_process(p, 8, "off")).collect();
     let calls: Vec<_> = prompts.iter().map(|p| tokio::spawn(call(router.url(), p.clone(), 8))).collect();
     let mut served: HashMap<String, usize> = HashMap::new();
     for (h, want) in calls.into_iter().zip(&wants) {
@@ -221,7 +201,7 @@ async fn etcd_outage_keeps_serving_and_workers_register_again() -> Result<()> {
     // The router keeps its last known workers; requests, short and long, still complete.
     let long = "The grass is green. The sky is blue. ".repeat(40);
     for prompt in ["The capital of France is".to_string(), format!("{long} Then:")] {
-        let want = in_process(&prompt, 6);
+        let want = in_process(&prompt, 6, "off");
         let (_, ids) = call(router.url(), prompt, 6).await.expect("served while etcd is down");
         assert_eq!(ids, want);
     }

@@ -3,10 +3,8 @@
 //! sees the health check and server reflection.
 
 use anyhow::Result;
-use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
-use lazyserve_model::{KvDtype, WeightFormat};
 use lazyserve_tests::cluster::Cluster;
-use lazyserve_tests::{model_path, python_grpc, repo_root};
+use lazyserve_tests::{in_process, python_grpc, repo_root, service_engine};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_streams_generate() -> Result<()> {
@@ -21,19 +19,10 @@ async fn python_grpcio_client_streams_generate() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
 
-    let engine = Engine::new(lazyserve_model::load(&model_path(), WeightFormat::Q8Decode)?, KvDtype::F16);
-    let want = engine.generate(
-        &GenerateRequest {
-            prompt_ids: engine.tokenizer.encode(prompt)?,
-            max_tokens: 8,
-            stop: vec![],
-            sampling: SamplingParams::default(),
-            schedule: engine.schedule("off")?,
-        },
-        |_| true,
-    )?;
-    assert_eq!(v["text"], want.text.as_str(), "{v}");
-    assert_eq!(v["token_ids"], serde_json::json!(want.token_ids));
+    let want = in_process(prompt, 8, "off");
+    let text = service_engine().tokenizer.decode(&want)?;
+    assert_eq!(v["text"], text.as_str(), "{v}");
+    assert_eq!(v["token_ids"], serde_json::json!(want));
     assert_eq!(v["complete"]["finishReason"], "length");
     assert_eq!(v["complete"]["usage"]["completionTokens"], 8);
     assert_eq!(v["health"], "SERVING");

@@ -1,12 +1,9 @@
 //! The services as users run them: router, prefill worker and decode worker as three real
 //! processes on loopback, called over gRPC.
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
-use lazyserve_model::{KvDtype, WeightFormat};
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::generate_request::Input;
 use lazyserve_proto::v1::generate_response::Event;
@@ -17,31 +14,9 @@ use lazyserve_proto::v1::{
     StateEncoding, StateHeader,
 };
 use lazyserve_tests::cluster::{free_port, Cluster, Proc};
-use lazyserve_tests::model_path;
+use lazyserve_tests::{in_process, service_engine};
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// The model as the workers load it by default (q8-decode weights, f16 KV), in-process.
-fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let loaded = lazyserve_model::load(&model_path(), WeightFormat::Q8Decode).expect("model loads");
-        Engine::new(loaded, KvDtype::F16)
-    })
-}
-
-/// Greedy token ids from the in-process engine.
-fn in_process(prompt: &str, max_tokens: usize, prune: &str) -> Vec<u32> {
-    let e = engine();
-    let req = GenerateRequest {
-        prompt_ids: e.tokenizer.encode(prompt).unwrap(),
-        max_tokens,
-        stop: vec![],
-        sampling: SamplingParams::default(),
-        schedule: e.schedule(prune).unwrap(),
-    };
-    e.generate(&req, |_| true).unwrap().token_ids
-}
 
 /// A prompt of about `words` words with a fact in the middle.
 fn long_prompt(words: usize) -> String {
@@ -93,7 +68,7 @@ async fn three_processes_give_the_in_process_greedy_tokens() -> Result<()> {
             r.prune = Some(prune.into());
             let got = generate(client, r).await?;
             assert_eq!(got.ids, want, "prune {prune}, {} prompt tokens", got.complete.usage.unwrap().prompt_tokens);
-            assert_eq!(got.text, engine().tokenizer.decode(&want)?);
+            assert_eq!(got.text, service_engine().tokenizer.decode(&want)?);
             let usage = got.complete.usage.unwrap();
             assert_eq!(usage.completion_tokens as usize, want.len());
             let timings = got.complete.timings.unwrap();

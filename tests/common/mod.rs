@@ -90,3 +90,26 @@ pub fn python_grpc() -> PathBuf {
     }
     python
 }
+
+/// The model as the service workers load it by default (q8-decode weights, f16 KV), loaded
+/// once per test binary.
+pub fn service_engine() -> &'static lazyserve_engine::Engine {
+    static ENGINE: std::sync::OnceLock<lazyserve_engine::Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let loaded = lazyserve_model::load(&model_path(), lazyserve_model::WeightFormat::Q8Decode).expect("model loads");
+        lazyserve_engine::Engine::new(loaded, lazyserve_model::KvDtype::F16)
+    })
+}
+
+/// Greedy token ids for `prompt` from [`service_engine`], under pruning `prune`.
+pub fn in_process(prompt: &str, max_tokens: usize, prune: &str) -> Vec<u32> {
+    let e = service_engine();
+    let req = lazyserve_engine::GenerateRequest {
+        prompt_ids: e.tokenizer.encode(prompt).expect("tokenizes"),
+        max_tokens,
+        stop: vec![],
+        sampling: lazyserve_engine::SamplingParams::default(),
+        schedule: e.schedule(prune).expect("schedule"),
+    };
+    e.generate(&req, |_| true).expect("generates").token_ids
+}

@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 
 /// How long to wait for a TCP connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on every connection: a worker cut off the network (no reset, packets just
+/// vanish) is noticed within interval + timeout instead of at the request deadline.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct Channels {
@@ -26,6 +30,9 @@ impl Channels {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Unavailable(format!("bad worker address {addr:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
         map.insert(addr.to_string(), channel.clone());

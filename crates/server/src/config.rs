@@ -86,9 +86,25 @@ impl ModelArgs {
         Ok(Engine::new(loaded, self.kv_dtype.into()))
     }
 
-    /// The tokenizer and hyper-parameters only, for the router.
+    /// The tokenizer and hyper-parameters only.
     pub fn load_meta(&self) -> anyhow::Result<lazyserve_model::ModelMeta> {
-        self.prepare()?;
+        MetaArgs { model: self.model.clone() }.load()
+    }
+}
+
+/// The model a router serves: it reads the tokenizer and limits, not the weights.
+#[derive(Args, Debug, Clone)]
+pub struct MetaArgs {
+    /// GGUF file or Hugging Face checkpoint folder (the same as the workers').
+    #[arg(long, env = "LAZYSERVE_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+}
+
+impl MetaArgs {
+    pub fn load(&self) -> anyhow::Result<lazyserve_model::ModelMeta> {
+        if !self.model.exists() && self.model == PathBuf::from(DEFAULT_MODEL) {
+            anyhow::bail!("model file not found: {DEFAULT_MODEL} (run scripts/fetch-model.sh, or pass --model)");
+        }
         Ok(lazyserve_model::load_meta(&self.model)?)
     }
 }

@@ -102,7 +102,11 @@ pub async fn serve(
         }
         let _ = stopping_tx.send(());
     };
+    // Pings find callers that vanished without a reset (a cut network), so that their
+    // streams end and whatever they held is freed.
     let server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

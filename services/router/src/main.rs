@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use lazyserve_server::config::{ModelArgs, RouterArgs, ServerArgs};
+use lazyserve_server::config::{MetaArgs, RouterArgs, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
 use lazyserve_server::Router;
 
@@ -13,9 +13,8 @@ struct Cli {
     /// Address of the public gRPC server.
     #[arg(long, env = "LAZYSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// The model's tokenizer and limits are read from it (the weights are not loaded).
     #[command(flatten)]
-    model: ModelArgs,
+    model: MetaArgs,
     #[command(flatten)]
     router: RouterArgs,
     #[command(flatten)]
@@ -27,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = cli.server.telemetry.init("lazyserve-router")?;
     tracing::info!(config = ?cli, "starting router");
-    let meta = cli.model.load_meta()?;
+    let meta = cli.model.load()?;
     let metrics = cli.server.telemetry.metrics(&meta.name, "router", telemetry.exporting()).await?;
     let router = Router::new(meta, cli.router.policy.clone(), cli.router.discovery()?, metrics.clone())?;
     let gauges = router.clone();
