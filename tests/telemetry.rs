@@ -232,13 +232,15 @@ async fn prometheus_scrapes_every_service() -> Result<()> {
         format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lazyserve\n    static_configs:\n      - targets: {targets:?}\n"),
     )?;
     let port = free_port();
-    let mut prometheus = std::process::Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
-        .spawn()
-        .expect("prometheus starts (apt-get install prometheus; scripts/setup.sh does)");
+    let prometheus = Killed(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+            .spawn()
+            .expect("prometheus starts (apt-get install prometheus; scripts/setup.sh does)"),
+    );
 
     let requests = 3;
     for i in 0..requests {
@@ -259,12 +261,21 @@ async fn prometheus_scrapes_every_service() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let held = query("sum(lazyserve_decode_sequences_held)")?;
-    let _ = prometheus.kill();
-    let _ = prometheus.wait();
+    drop(prometheus);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     assert!(held.contains("\"0\""), "{held}");
     Ok(())
+}
+
+/// A child process killed and reaped when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn metrics_addr(p: &Proc) -> String {

@@ -134,11 +134,11 @@ impl Config {
             return bad("empty model dimensions");
         }
         if self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
         {
             return bad("attention heads not a multiple of key/value heads");
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad("odd head dimension");
         }
         Ok(())

@@ -74,7 +74,7 @@ impl ModelArgs {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("thread pool")?;
         }
-        if !self.model.exists() && self.model == PathBuf::from(DEFAULT_MODEL) {
+        if !self.model.exists() && self.model.as_path() == std::path::Path::new(DEFAULT_MODEL) {
             anyhow::bail!("model file not found: {DEFAULT_MODEL} (run scripts/fetch-model.sh, or pass --model)");
         }
         Ok(())
@@ -102,7 +102,7 @@ pub struct MetaArgs {
 
 impl MetaArgs {
     pub fn load(&self) -> anyhow::Result<lazyserve_model::ModelMeta> {
-        if !self.model.exists() && self.model == PathBuf::from(DEFAULT_MODEL) {
+        if !self.model.exists() && self.model.as_path() == std::path::Path::new(DEFAULT_MODEL) {
             anyhow::bail!("model file not found: {DEFAULT_MODEL} (run scripts/fetch-model.sh, or pass --model)");
         }
         Ok(lazyserve_model::load_meta(&self.model)?)

@@ -229,18 +229,7 @@ impl DecodeService {
 impl DecodeService {
     /// Checks a prompt to prefill here.
     fn check_local(&self, local: &LocalPrefill) -> Result<(Schedule, Sampler)> {
-        let cfg = self.inner.engine.model.config();
-        if local.prompt_ids.is_empty() {
-            return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
-        }
-        if let Some(id) = local.prompt_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            let reason = format!("token {id} is not below the vocabulary size {}", cfg.vocab_size);
-            return Err(Error::InvalidArgument { field: "prompt_ids", reason });
-        }
-        if local.prompt_ids.len() + 1 > cfg.max_position_embeddings {
-            let (tokens, max) = (local.prompt_ids.len(), cfg.max_position_embeddings - 1);
-            return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
-        }
+        crate::prefill::check_prompt_ids(&self.inner.engine, &local.prompt_ids)?;
         let schedule = self.inner.engine.schedule(&local.prune)?;
         let sampler = Sampler::new(SamplingParams::from(local.sampling.unwrap_or_default()))?;
         Ok((schedule, sampler))

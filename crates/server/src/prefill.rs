@@ -70,6 +70,9 @@ impl Drop for Admitted {
 
 type Events = mpsc::Sender<std::result::Result<PrefillResponse, Status>>;
 
+/// A PushState call in flight.
+type PushHandle = tokio::task::JoinHandle<std::result::Result<Response<PushStateResponse>, Status>>;
+
 /// What validation makes of a request.
 type Checked = (Schedule, SamplingParams, StateEncoding);
 
@@ -124,18 +127,7 @@ impl PrefillService {
     }
 
     fn validate(&self, req: &PrefillRequest) -> Result<Checked> {
-        let cfg = self.engine.model.config();
-        if req.prompt_ids.is_empty() {
-            return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
-        }
-        if let Some(id) = req.prompt_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            let reason = format!("token {id} is not below the vocabulary size {}", cfg.vocab_size);
-            return Err(Error::InvalidArgument { field: "prompt_ids", reason });
-        }
-        if req.prompt_ids.len() + 1 > cfg.max_position_embeddings {
-            let (tokens, max) = (req.prompt_ids.len(), cfg.max_position_embeddings - 1);
-            return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
-        }
+        check_prompt_ids(&self.engine, &req.prompt_ids)?;
         if req.sequence_id.is_empty() || req.decode_addresses.is_empty() {
             let reason = "sequence_id and decode_addresses are required".into();
             return Err(Error::InvalidArgument { field: "sequence_id", reason });
@@ -166,7 +158,7 @@ impl PrefillService {
         addr: &str,
         timeout: Option<Duration>,
         span: &tracing::Span,
-    ) -> Result<(mpsc::Sender<StateChunk>, tokio::task::JoinHandle<std::result::Result<Response<PushStateResponse>, Status>>)> {
+    ) -> Result<(mpsc::Sender<StateChunk>, PushHandle)> {
         let mut client = DecodeClient::new(self.channels.get(addr)?);
         let (tx, rx) = mpsc::channel(4);
         let mut req = Request::new(ReceiverStream::new(rx));
@@ -332,6 +324,23 @@ impl PrefillService {
         let _ = events.send(Ok(PrefillResponse { event: Some(event) })).await;
         Ok(())
     }
+}
+
+/// Checks token ids from another service: some, each in the vocabulary, room for one more.
+pub(crate) fn check_prompt_ids(engine: &Engine, ids: &[u32]) -> Result<()> {
+    let cfg = engine.model.config();
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
+    }
+    if let Some(id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        let reason = format!("token {id} is not below the vocabulary size {}", cfg.vocab_size);
+        return Err(Error::InvalidArgument { field: "prompt_ids", reason });
+    }
+    if ids.len() + 1 > cfg.max_position_embeddings {
+        let (tokens, max) = (ids.len(), cfg.max_position_embeddings - 1);
+        return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
+    }
+    Ok(())
 }
 
 /// The client span of one state push (bytes and chunks recorded when it is accepted).

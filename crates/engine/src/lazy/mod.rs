@@ -52,7 +52,7 @@ pub fn step_with(
     let prefill = start == 0;
     let schedule = state.schedule.clone();
     // Static pruning selects during prefill only; decode attends to whatever has K/V.
-    let selecting = !(schedule.mode == Mode::Static && !prefill);
+    let selecting = schedule.mode != Mode::Static || prefill;
     // The observation window scores (and keeps) the last prompt tokens; decode uses its token.
     let window = if prefill { schedule.window.min(new_tokens.len()) } else { 1 };
     let first_forced = total - window as u32;

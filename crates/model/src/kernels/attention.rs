@@ -51,7 +51,7 @@ fn key_dots<T: KvElem>(q: &[f32], k: &[T], stride: usize, out: &mut [f32]) {
     let d = q.len();
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::avx2_fma() && d % 8 == 0 {
+    if super::avx2_fma() && d.is_multiple_of(8) {
         while t + 8 <= out.len() {
             assert!((t + 7) * stride + d <= k.len());
             // SAFETY: AVX2+FMA+F16C present; the assert bounds all 8 rows read.

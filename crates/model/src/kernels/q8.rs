@@ -39,7 +39,7 @@ fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
 impl Q8Matrix {
     /// Quantizes a row-major f32 matrix; None when `cols` is not a multiple of the block.
     pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        if cols % BLOCK != 0 || w.len() != rows * cols {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
             return None;
         }
         let mut quants = vec![0i8; rows * cols];
