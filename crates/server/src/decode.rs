@@ -370,11 +370,10 @@ impl Decode for DecodeService {
                 let owned = self.hold_local(&req.sequence_id)?;
                 tokio::task::spawn_blocking(move || {
                     let _span = span.enter();
-                    let _owned = owned;
                     let result = (|| -> Result<()> {
                         let mut sampler = sampler;
                         let pre = engine.prefill(&local.prompt_ids, schedule, &mut sampler, &mut |_, _| Ok(()))?;
-                        inner.set_bytes(&_owned.sequence_id, pre.state.kv_bytes() + pre.state.aux_bytes());
+                        inner.set_bytes(&owned.sequence_id, pre.state.kv_bytes() + pre.state.aux_bytes());
                         let first = FirstToken {
                             token_id: pre.first_token,
                             prefill_ms: pre.prefill.as_secs_f64() * 1e3,
@@ -390,6 +389,7 @@ impl Decode for DecodeService {
                         let _ = tx.blocking_send(Err(e.into()));
                     }
                     inner.served.fetch_add(1, Ordering::SeqCst);
+                    drop(owned);
                 });
             }
         }
