@@ -120,7 +120,8 @@ type Events = mpsc::Sender<std::result::Result<GenerateResponse, Status>>;
 /// ends early (the client left, an error, or one token was all it needed). Until the
 /// prefill worker says which decode worker accepted the state, every candidate is asked.
 struct ReleaseGuard {
-    clients: Vec<DecodeClient<Channel>>,
+    /// (address, client) of every decode worker that may hold the state.
+    clients: Vec<(String, DecodeClient<Channel>)>,
     sequence_id: String,
 }
 
@@ -128,11 +129,16 @@ impl ReleaseGuard {
     fn disarm(&mut self) {
         self.clients.clear();
     }
+
+    /// Once the prefill worker says which decode worker accepted the state, only that one.
+    fn only(&mut self, address: &str) {
+        self.clients.retain(|(a, _)| a == address);
+    }
 }
 
 impl Drop for ReleaseGuard {
     fn drop(&mut self) {
-        for mut client in self.clients.drain(..) {
+        for (_, mut client) in self.clients.drain(..) {
             let sequence_id = self.sequence_id.clone();
             tokio::spawn(async move {
                 let mut req = Request::new(ReleaseRequest { sequence_id });
@@ -341,7 +347,7 @@ impl Router {
         let fail = |e: Error| (Some(addr.clone()), e);
         let on_prefill = OnWorker::new(inner, Role::Prefill, &addr, job.prompt_ids.len() as u64);
         let sequence_id = format!("{}-{:016x}", job.request_id, rand::random::<u64>());
-        let clients = decodes.iter().map(|a| inner.channels.get(a).map(DecodeClient::new)).collect::<Result<Vec<_>>>();
+        let clients = decodes.iter().map(|a| Ok((a.clone(), DecodeClient::new(inner.channels.get(a)?)))).collect::<Result<Vec<_>>>();
         let release = ReleaseGuard { clients: clients.map_err(fail)?, sequence_id: sequence_id.clone() };
         let mut req = Request::new(PrefillRequest {
             sequence_id: sequence_id.clone(),
@@ -466,6 +472,7 @@ impl Router {
                 drop(_on_prefill);
                 (transfer_ms, state_bytes) = (sent.transfer_ms, sent.bytes);
                 let decode_addr = sent.decode_address;
+                release.only(&decode_addr);
                 let on_decode = OnWorker::new(inner, Role::Decode, &decode_addr, 0);
                 let stream = if finish.is_none() {
                     let mut req = Request::new(DecodeRequest {
