@@ -38,6 +38,10 @@ pub struct Load {
     pub sequences: u32,
     /// Decode: bytes of sequence state held.
     pub state_bytes: u64,
+    /// Decode: sequences stepped together in the last iteration (batch occupancy).
+    pub batch: u32,
+    /// Decode: sequences waiting to join the batch or prefilling their prompt there.
+    pub waiting: u32,
     /// Requests served since start.
     pub served: u64,
 }

@@ -1,5 +1,6 @@
 //! lazyserve's engine: LazyLLM pruning with Aux Cache revival, sampling and the generation loop.
 
+pub mod batch;
 mod generate;
 pub mod lazy;
 pub mod sampling;
@@ -25,6 +26,8 @@ pub enum Error {
     Cancelled,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    #[error("decode step failed: {0}")]
+    Step(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

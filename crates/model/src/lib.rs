@@ -15,7 +15,7 @@ pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use kernels::kv::KvDtype;
-pub use model::{KvCache, LayerKv, LayerWeights, Model, WeightFormat};
+pub use model::{KvCache, LayerKv, LayerWeights, Model, Segment, WeightFormat};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// A loaded model with its tokenizer.

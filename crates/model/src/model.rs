@@ -83,6 +83,56 @@ impl KvCache {
     }
 }
 
+/// One sequence's rows in a batched layer: see [`Model::layer_forward`] for the fields.
+pub struct Segment<'a> {
+    pub positions: &'a [u32],
+    pub kv: &'a mut LayerKv,
+    pub keys: Option<&'a [u32]>,
+    pub score_queries: usize,
+}
+
+/// Appends one segment's K/V, runs its attention into `attn` and returns its scores if
+/// asked; `qkv` holds its rows of fused q/k/v (RoPE applied).
+fn seg_attention(shape: AttnShape, seg: &mut Segment<'_>, qkv: &[f32], stride: usize, attn: &mut [f32]) -> Option<Vec<f32>> {
+    let qd = shape.heads * shape.head_dim;
+    let kvd = shape.kv_heads * shape.head_dim;
+    let (n, kv) = (seg.positions.len(), &mut *seg.kv);
+    kv.positions.extend_from_slice(seg.positions);
+    kv.k.reserve(n * kvd);
+    kv.v.reserve(n * kvd);
+    for row in qkv.chunks_exact(stride) {
+        kv.k.extend_from_f32(&row[qd..qd + kvd]);
+        kv.v.extend_from_f32(&row[qd + kvd..]);
+    }
+    let subset = seg.keys.map(|rows| {
+        let kpos: Vec<u32> = rows.iter().map(|&r| kv.positions[r as usize]).collect();
+        (kpos, kv.k.gather(rows, kvd), kv.v.gather(rows, kvd))
+    });
+    let (kpos, k, v) = match &subset {
+        Some((p, k, v)) => (p.as_slice(), k, v),
+        None => (kv.positions.as_slice(), &kv.k, &kv.v),
+    };
+    causal_attention(
+        shape,
+        Rows { data: qkv, stride },
+        seg.positions,
+        KvRows { data: k.as_slice(), stride: kvd },
+        KvRows { data: v.as_slice(), stride: kvd },
+        kpos,
+        attn,
+    );
+    (seg.score_queries > 0).then(|| {
+        let w = seg.score_queries.min(n);
+        let mut total = vec![0f32; kpos.len()];
+        for r in n - w..n {
+            let q = &qkv[r * stride..r * stride + qd];
+            let s = query_scores(shape, q, seg.positions[r], KvRows { data: k.as_slice(), stride: kvd }, kpos);
+            axpy(&mut total, 1.0 / w as f32, &s);
+        }
+        total
+    })
+}
+
 /// Self-attention with fused q/k/v projections.
 pub struct Attention {
     qkv: Linear,
@@ -119,9 +169,10 @@ impl Mlp {
         Ok(Self { gate_up, down: load_linear(&vb.pp("down_proj"), h, i, false)?, inter: i })
     }
 
-    /// `x += down(silu(gate(h)) * up(h))` with `h = norm(x)`.
-    fn forward(&self, h: &[f32], n: usize, x: &mut [f32]) {
-        let gu = self.gate_up.forward(h, n);
+    /// `x += down(silu(gate(h)) * up(h))` with `h = norm(x)`, over stacked segments of rows.
+    fn forward(&self, h: &[f32], segments: &[usize], x: &mut [f32]) {
+        let n: usize = segments.iter().sum();
+        let gu = self.gate_up.forward_segments(h, segments);
         let i = self.inter;
         let mut act = vec![0f32; n * i];
         let silu = |(a, g): (&mut [f32], &[f32])| silu_mul(&g[..i], &g[i..], a);
@@ -130,7 +181,7 @@ impl Mlp {
         } else {
             act.chunks_mut(i).zip(gu.chunks(2 * i)).for_each(silu);
         }
-        let y = self.down.forward(&act, n);
+        let y = self.down.forward_segments(&act, segments);
         add_assign(x, &y);
     }
 }
@@ -318,68 +369,65 @@ impl Model {
         keys: Option<&[u32]>,
         score_queries: usize,
     ) -> Result<Option<Vec<f32>>> {
+        let mut seg = [Segment { positions, kv, keys, score_queries }];
+        Ok(self.layer_forward_batch(l, x, &mut seg)?.pop().flatten())
+    }
+
+    /// [`Model::layer_forward`] for several sequences at once: `x` stacks their rows in
+    /// segment order. The linear layers run once over all rows (each segment with the kernel
+    /// it would get alone, so its numerics do not depend on the batch); attention and scores
+    /// stay per sequence, over its own keys. Returns each segment's scores.
+    pub fn layer_forward_batch(&self, l: usize, x: &mut [f32], segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
         let cfg = &self.cfg;
-        let n = positions.len();
         let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let rows: Vec<usize> = segments.iter().map(|s| s.positions.len()).collect();
+        let n: usize = rows.iter().sum();
         if x.len() != n * h {
             return Err(Error::InvalidInput(format!("{} hidden values for {n} positions", x.len())));
         }
         let layer = &self.layers[l];
         let normed = self.norm_rows(x, &layer.input_layernorm, n);
         let stride = qd + 2 * kvd;
-        let mut qkv = layer.self_attn.qkv.forward(&normed, n);
-        self.rope.apply(&mut qkv, stride, cfg.num_attention_heads, positions)?;
-        self.rope.apply(&mut qkv[qd..], stride, cfg.num_key_value_heads, positions)?;
+        let mut qkv = layer.self_attn.qkv.forward_segments(&normed, &rows);
+        let positions: Vec<u32> = segments.iter().flat_map(|s| s.positions.iter().copied()).collect();
+        self.rope.apply(&mut qkv, stride, cfg.num_attention_heads, &positions)?;
+        self.rope.apply(&mut qkv[qd..], stride, cfg.num_key_value_heads, &positions)?;
 
-        kv.positions.extend_from_slice(positions);
-        kv.k.reserve(n * kvd);
-        kv.v.reserve(n * kvd);
-        for row in qkv.chunks_exact(stride) {
-            kv.k.extend_from_f32(&row[qd..qd + kvd]);
-            kv.v.extend_from_f32(&row[qd + kvd..]);
-        }
-
-        let subset = keys.map(|rows| {
-            let kpos: Vec<u32> = rows.iter().map(|&r| kv.positions[r as usize]).collect();
-            (kpos, kv.k.gather(rows, kvd), kv.v.gather(rows, kvd))
-        });
-        let (kpos, k, v) = match &subset {
-            Some((p, k, v)) => (p.as_slice(), k, v),
-            None => (kv.positions.as_slice(), &kv.k, &kv.v),
-        };
         let mut attn = vec![0f32; n * qd];
+        let mut parts = Vec::with_capacity(segments.len());
+        let (mut qkv_rest, mut attn_rest) = (qkv.as_slice(), attn.as_mut_slice());
+        for (seg, &r) in segments.iter_mut().zip(&rows) {
+            let (q, qr) = qkv_rest.split_at(r * stride);
+            let (a, ar) = std::mem::take(&mut attn_rest).split_at_mut(r * qd);
+            (qkv_rest, attn_rest) = (qr, ar);
+            parts.push((seg, q, a));
+        }
         let shape = self.attn_shape();
-        causal_attention(
-            shape,
-            Rows { data: &qkv, stride },
-            positions,
-            KvRows { data: k.as_slice(), stride: kvd },
-            KvRows { data: v.as_slice(), stride: kvd },
-            kpos,
-            &mut attn,
-        );
-        let scores = (score_queries > 0).then(|| {
-            let w = score_queries.min(n);
-            let mut total = vec![0f32; kpos.len()];
-            for r in n - w..n {
-                let q = &qkv[r * stride..r * stride + qd];
-                let s = query_scores(shape, q, positions[r], KvRows { data: k.as_slice(), stride: kvd }, kpos);
-                axpy(&mut total, 1.0 / w as f32, &s);
-            }
-            total
-        });
+        let scores: Vec<Option<Vec<f32>>> = if parts.len() > 1 {
+            parts.into_par_iter().map(|(seg, q, a)| seg_attention(shape, seg, q, stride, a)).collect()
+        } else {
+            parts.into_iter().map(|(seg, q, a)| seg_attention(shape, seg, q, stride, a)).collect()
+        };
 
-        let o = layer.self_attn.o.forward(&attn, n);
+        let o = layer.self_attn.o.forward_segments(&attn, &rows);
         add_assign(x, &o);
         let normed = self.norm_rows(x, &layer.post_attention_layernorm, n);
-        layer.mlp.forward(&normed, n, x);
+        layer.mlp.forward(&normed, &rows, x);
         Ok(scores)
     }
 
     /// Logits for one hidden row (final norm, then the output head).
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        let normed = self.norm_rows(hidden, &self.norm, 1);
-        self.lm_head.forward(&normed, 1)
+        self.logits_batch(hidden).pop().expect("one row")
+    }
+
+    /// Logits for each of the hidden rows stacked in `hidden`, one output-head pass for all
+    /// (each row gets the numerics it would get alone).
+    pub fn logits_batch(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
+        let n = hidden.len() / self.cfg.hidden_size;
+        let normed = self.norm_rows(hidden, &self.norm, n);
+        let all = self.lm_head.forward_segments(&normed, &vec![1; n]);
+        all.chunks_exact(self.cfg.vocab_size).map(<[f32]>::to_vec).collect()
     }
 
     /// Dense forward of `tokens` appended after the `cache`'s tokens (positions continue from

@@ -329,4 +329,8 @@ pub struct DecodeArgs {
     /// Bytes of sequence state held at once (MiB).
     #[arg(long, env = "LAZYSERVE_MAX_STATE_MIB", default_value_t = 8192)]
     pub max_state_mib: usize,
+    /// Prompt tokens prefilled here per engine-loop iteration (the chunk size of local
+    /// prefill): bounds how much a new prompt delays the tokens of running streams.
+    #[arg(long, env = "LAZYSERVE_PREFILL_CHUNK_TOKENS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub prefill_chunk_tokens: u32,
 }

@@ -19,6 +19,8 @@ pub const TOKEN_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
 pub const DURATION_BUCKETS: &[f64] =
     &[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92];
 const RATIO_BUCKETS: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0];
+/// Sequences stepped together in one decode iteration.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// Point-in-time values read at each scrape.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,6 +29,7 @@ pub struct Gauges {
     pub queued_prompt_tokens: i64,
     pub decode_sequences_held: i64,
     pub decode_state_bytes_held: i64,
+    pub decode_sequences_waiting: i64,
 }
 
 type GaugeSource = Arc<dyn Fn() -> Gauges + Send + Sync>;
@@ -53,10 +56,13 @@ pub struct Metrics {
     pub transfer_bytes: IntCounter,
     pub transfer_seconds: Histogram,
     pub requests: IntCounterVec,
+    pub batch_size: Histogram,
+    pub iteration_seconds: Histogram,
     inflight: IntGauge,
     queued: IntGauge,
     sequences: IntGauge,
     state_bytes: IntGauge,
+    waiting: IntGauge,
     gauges: Arc<Mutex<Vec<GaugeSource>>>,
     otlp: Arc<Option<Otlp>>,
 }
@@ -89,10 +95,20 @@ impl Metrics {
                 TTFT_BUCKETS,
             )?,
             requests: IntCounterVec::new(Opts::new("lazyserve_requests_total", "Finished requests"), &["finish_reason"])?,
+            batch_size: histogram("lazyserve_decode_batch_size", "Sequences stepped together per decode iteration", BATCH_BUCKETS)?,
+            iteration_seconds: histogram(
+                "lazyserve_decode_iteration_seconds",
+                "Time of one decode iteration (every live sequence one step)",
+                TOKEN_BUCKETS,
+            )?,
             inflight: IntGauge::new("lazyserve_inflight_requests", "Requests in flight")?,
             queued: IntGauge::new("lazyserve_queued_prompt_tokens", "Prompt tokens waiting or being prefilled")?,
             sequences: IntGauge::new("lazyserve_decode_sequences_held", "Sequence states a decode worker holds")?,
             state_bytes: IntGauge::new("lazyserve_decode_state_bytes_held", "Bytes of sequence state a decode worker holds")?,
+            waiting: IntGauge::new(
+                "lazyserve_decode_sequences_waiting",
+                "Sequences on a decode worker waiting to join the batch or prefilling their prompt",
+            )?,
             gauges: Arc::default(),
             otlp: Arc::new(otlp.then(|| {
                 let meter = opentelemetry::global::meter("lazyserve");
@@ -119,6 +135,9 @@ impl Metrics {
         r.register(Box::new(m.transfer_bytes.clone()))?;
         r.register(Box::new(m.transfer_seconds.clone()))?;
         r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.batch_size.clone()))?;
+        r.register(Box::new(m.iteration_seconds.clone()))?;
+        r.register(Box::new(m.waiting.clone()))?;
         r.register(Box::new(m.inflight.clone()))?;
         r.register(Box::new(m.queued.clone()))?;
         r.register(Box::new(m.sequences.clone()))?;
@@ -152,6 +171,12 @@ impl Metrics {
         }
     }
 
+    /// One decode iteration: how many sequences it stepped and how long it took.
+    pub fn observe_iteration(&self, sequences: usize, seconds: f64) {
+        self.batch_size.observe(sequences as f64);
+        self.iteration_seconds.observe(seconds);
+    }
+
     pub fn observe_transfer(&self, seconds: f64, bytes: u64) {
         self.transfer_seconds.observe(seconds);
         self.transfer_bytes.inc_by(bytes);
@@ -169,12 +194,14 @@ impl Metrics {
                 queued_prompt_tokens: a.queued_prompt_tokens + b.queued_prompt_tokens,
                 decode_sequences_held: a.decode_sequences_held + b.decode_sequences_held,
                 decode_state_bytes_held: a.decode_state_bytes_held + b.decode_state_bytes_held,
+                decode_sequences_waiting: a.decode_sequences_waiting + b.decode_sequences_waiting,
             }
         });
         self.inflight.set(g.inflight_requests);
         self.queued.set(g.queued_prompt_tokens);
         self.sequences.set(g.decode_sequences_held);
         self.state_bytes.set(g.decode_state_bytes_held);
+        self.waiting.set(g.decode_sequences_waiting);
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")

@@ -33,11 +33,11 @@ async fn main() -> anyhow::Result<()> {
     let engine = Arc::new(cli.model.load()?);
     let max_context = engine.model.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
-    let service = DecodeService::new(engine, &cli.decode);
+    let metrics = cli.server.telemetry.metrics(&meta.0, "decode", telemetry.exporting()).await?;
+    let service = DecodeService::new(engine, &cli.decode, Some(metrics.clone()));
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let load = { let s = service.clone(); Arc::new(move || s.load()) };
     let registration = serve::register(&cli.register, Role::Decode, listener.local_addr()?, (&meta.0, meta.1), service.capacity(), load)?;
-    let metrics = cli.server.telemetry.metrics(&meta.0, "decode", telemetry.exporting()).await?;
     let gauges = service.clone();
     metrics.add_gauges(move || gauges.gauges());
     let roles = Roles { decode: Some(service), registration, ..Roles::default() };

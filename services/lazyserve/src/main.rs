@@ -1,8 +1,9 @@
 //! `lazyserve`: serve every role in one process (`serve`), run the model locally
-//! (`generate`) and measure it (`bench`, `bench-lazy`).
+//! (`generate`) and measure it (`bench`, `bench-lazy`, `bench-serve`, `bench-load`).
 
 mod bench;
 mod bench_lazy;
+mod bench_load;
 mod bench_serve;
 mod generate;
 mod serve;
@@ -32,6 +33,9 @@ enum Command {
     /// The three services against in-process generation: TTFT, state bytes per preset and
     /// encoding against a dense f16 KV cache, greedy agreement.
     BenchServe(bench_serve::BenchServeArgs),
+    /// The server under concurrent load: throughput, TTFT and inter-token latency
+    /// percentiles at several concurrencies, as ratios to one client.
+    BenchLoad(bench_load::BenchLoadArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BenchLazy(args) => bench_lazy::run(args),
         Command::BenchServe(args) => bench_serve::run(args),
+        Command::BenchLoad(args) => bench_load::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

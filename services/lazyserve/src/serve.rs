@@ -45,7 +45,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let discovery = Arc::new(StaticDiscovery::new(&own, &own));
         let router = Router::new(meta, args.policy, discovery, metrics.clone())?;
         let prefill = PrefillService::new(engine.clone(), &args.prefill);
-        let decode = DecodeService::new(engine, &args.decode);
+        let decode = DecodeService::new(engine, &args.decode, Some(metrics.clone()));
         let (r, p, d) = (router.clone(), prefill.clone(), decode.clone());
         // Requests in flight are the router's; the workers add their queue and their states.
         metrics.add_gauges(move || r.gauges());

@@ -15,11 +15,11 @@ mod state;
 pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
 pub use state::{AuxCache, LayerState, LazyStats, SequenceState};
 
-use lazyserve_model::Model;
+use lazyserve_model::{Model, Segment};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Runs `new_tokens` (appended after the state's tokens) through the model under the
 /// state's schedule; returns the logits of the last token.
@@ -36,104 +36,214 @@ pub fn step_with(
     new_tokens: &[u32],
     on_layer: &mut dyn FnMut(usize, &LayerState) -> Result<()>,
 ) -> Result<Vec<f32>> {
+    let mut input = [StepInput { state, tokens: new_tokens, partial: false }];
+    let logits = step_batch(model, &mut input, &mut |_, l, layer| on_layer(l, layer))?;
+    logits.into_iter().next().flatten().ok_or(Error::Internal("a whole step has logits"))
+}
+
+/// One sequence's part of a batched step.
+pub struct StepInput<'a> {
+    pub state: &'a mut SequenceState,
+    /// Tokens appended after the state's tokens: a prompt, a chunk of one, or decode tokens.
+    pub tokens: &'a [u32],
+    /// A prompt chunk that more of the prompt follows (chunked prefill). It runs up to the
+    /// schedule's first pruning layer only and leaves its hidden states in that layer's Aux
+    /// Cache: the chunk that ends the prompt scores every prompt token there and revives the
+    /// ones it selects, as a decode step would. Dense schedules run chunks through every
+    /// layer. Gives no logits.
+    pub partial: bool,
+}
+
+/// Refuses a step that cannot run: no tokens, or more than the context holds.
+pub fn check_step(model: &Model, state: &SequenceState, tokens: &[u32]) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::InvalidParameter { field: "prompt", reason: "no tokens to run".into() });
+    }
+    let (total, max) = (state.tokens.len() + tokens.len(), model.config().max_position_embeddings);
+    if total > max {
+        return Err(lazyserve_model::Error::ContextOverflow { tokens: total, max }.into());
+    }
+    Ok(())
+}
+
+/// Where one sequence stands inside a step.
+struct Run {
+    /// Positions computed at this layer (rows of `x`), ascending; the last token is last.
+    compute: Vec<u32>,
+    x: Vec<f32>,
+    /// Positions alive at this layer, ascending. None means every position.
+    alive: Option<Vec<u32>>,
+    selecting: bool,
+    window: usize,
+    first_forced: u32,
+    /// A partial prompt chunk stops after this layer.
+    stop_after: Option<usize>,
+    done: bool,
+}
+
+/// Runs one step for several sequences at once: each layer's linear products over the rows
+/// of all of them together, attention and LazyLLM selection per sequence. A sequence's
+/// numerics do not depend on the others. `on_layer(i, l, layer)` sees input `i`'s layer `l`
+/// when it is done. Returns the logits of each input's last token (None for partial chunks).
+pub fn step_batch(
+    model: &Model,
+    inputs: &mut [StepInput<'_>],
+    on_layer: &mut dyn FnMut(usize, usize, &LayerState) -> Result<()>,
+) -> Result<Vec<Option<Vec<f32>>>> {
     let cfg = model.config();
     let (h, num_layers) = (cfg.hidden_size, cfg.num_hidden_layers);
-    let start = state.tokens.len();
-    if new_tokens.is_empty() {
-        return Err(crate::Error::InvalidParameter { field: "prompt", reason: "no tokens to run".into() });
+    let mut runs = Vec::with_capacity(inputs.len());
+    for input in inputs.iter_mut() {
+        check_step(model, input.state, input.tokens)?;
+        let x = model.embed(input.tokens)?;
+        let state = &mut *input.state;
+        let start = state.tokens.len();
+        let prefill = state.prompt_len == 0;
+        state.push_tokens(input.tokens);
+        let total = state.tokens.len();
+        if prefill && !input.partial {
+            state.prompt_len = total;
+        }
+        let schedule = &state.schedule;
+        // The observation window scores (and keeps) the last prompt tokens; decode uses its token.
+        let window = if prefill { schedule.window.min(input.tokens.len()) } else { 1 };
+        let first_pruning = schedule.stages.first().map_or(num_layers - 1, |s| s.layer);
+        runs.push(Run {
+            compute: (start as u32..total as u32).collect(),
+            x,
+            alive: None,
+            // Static pruning selects during prefill only; decode attends to whatever has K/V.
+            selecting: schedule.mode != Mode::Static || prefill,
+            window,
+            first_forced: (total - window) as u32,
+            stop_after: input.partial.then_some(first_pruning),
+            done: false,
+        });
     }
-    if start + new_tokens.len() > cfg.max_position_embeddings {
-        return Err(lazyserve_model::Error::ContextOverflow { tokens: start + new_tokens.len(), max: cfg.max_position_embeddings }.into());
-    }
-    let mut x = model.embed(new_tokens)?;
-    state.push_tokens(new_tokens);
-    let total = state.tokens.len() as u32;
-    let last = total - 1;
-    let prefill = start == 0;
-    let schedule = state.schedule.clone();
-    // Static pruning selects during prefill only; decode attends to whatever has K/V.
-    let selecting = schedule.mode != Mode::Static || prefill;
-    // The observation window scores (and keeps) the last prompt tokens; decode uses its token.
-    let window = if prefill { schedule.window.min(new_tokens.len()) } else { 1 };
-    let first_forced = total - window as u32;
-
-    // `alive`: positions alive at this layer, ascending. None means every position.
-    let mut alive: Option<Vec<u32>> = None;
-    // `compute`: positions computed at this layer (rows of `x`), ascending; `last` is last.
-    let mut compute: Vec<u32> = (start as u32..total).collect();
     for l in 0..num_layers {
-        let layer = &mut state.layers[l];
-        let base = layer.kv.len() as u32;
-        for (i, &p) in compute.iter().enumerate() {
-            layer.row_of[p as usize] = base + i as u32;
-        }
-        let keep = if selecting && l + 1 < num_layers { schedule.keep_after(l) } else { None };
-        // Keys: the alive positions' rows (the new rows included), in position order.
-        let keys: Option<Vec<u32>> = match (&alive, selecting) {
-            (Some(a), true) => Some(a.iter().map(|&p| layer.row_of[p as usize]).collect()),
-            _ => None,
-        };
-        let score_queries = if keep.is_some() { window } else { 0 };
-        let scores = model.layer_forward(l, &mut x, &compute, &mut layer.kv, keys.as_deref(), score_queries)?;
-        state.stats.computed[l] += compute.len();
-
-        let Some(keep) = keep else {
-            on_layer(l, &state.layers[l])?;
-            continue;
-        };
-        let key_positions: Vec<u32> = match &keys {
-            Some(rows) => rows.iter().map(|&r| layer.kv.positions[r as usize]).collect(),
-            None => layer.kv.positions.clone(),
-        };
-        let mut scores = scores.expect("scores were asked for");
-        if schedule.mode == Mode::Random {
-            let mut rng = StdRng::seed_from_u64(state.seed ^ ((total as u64) << 20) ^ l as u64);
-            scores.iter_mut().for_each(|s| *s = rng.random());
-        }
-        let selected = select(&key_positions, &scores, keep, &schedule, first_forced);
-
-        // Tokens computed here that are dropped go to this layer's Aux Cache; the rest go on.
-        let mut next_compute = Vec::with_capacity(compute.len());
-        let mut next_x = Vec::with_capacity(x.len());
-        for (i, &p) in compute.iter().enumerate() {
-            let row = &x[i * h..(i + 1) * h];
-            if selected.binary_search(&p).is_ok() {
-                next_compute.push(p);
-                next_x.extend_from_slice(row);
-            } else if schedule.mode != Mode::Static {
-                state.layers[l].aux.insert(p, row);
+        // Each running sequence's rows at this layer, its key rows and what to score.
+        let mut plans = Vec::with_capacity(runs.len());
+        for (input, run) in inputs.iter_mut().zip(&runs).filter(|(_, r)| !r.done) {
+            let state = &mut *input.state;
+            let layer = &mut state.layers[l];
+            let base = layer.kv.len() as u32;
+            for (i, &p) in run.compute.iter().enumerate() {
+                layer.row_of[p as usize] = base + i as u32;
             }
+            let keep = match run.stop_after {
+                None if run.selecting && l + 1 < num_layers => state.schedule.keep_after(l),
+                _ => None,
+            };
+            // Keys: the alive positions' rows (the new rows included), in position order.
+            let keys: Option<Vec<u32>> = match (&run.alive, run.selecting) {
+                (Some(a), true) => Some(a.iter().map(|&p| layer.row_of[p as usize]).collect()),
+                _ => None,
+            };
+            plans.push((keep, keys));
         }
-        // Selected tokens without K/V at the next layer that were not computed here: revive.
-        let next_layer = &state.layers[l + 1];
-        let revive: Vec<u32> = selected
-            .iter()
-            .copied()
-            .filter(|&p| next_layer.row_of[p as usize] == NONE && compute.binary_search(&p).is_err())
+        if plans.is_empty() {
+            break;
+        }
+        let mut x: Vec<f32> = runs.iter().filter(|r| !r.done).flat_map(|r| r.x.iter().copied()).collect();
+        let mut segments: Vec<Segment<'_>> = inputs
+            .iter_mut()
+            .zip(&runs)
+            .filter(|(_, r)| !r.done)
+            .zip(&plans)
+            .map(|((input, run), (keep, keys))| Segment {
+                positions: &run.compute,
+                kv: &mut input.state.layers[l].kv,
+                keys: keys.as_deref(),
+                score_queries: if keep.is_some() { run.window } else { 0 },
+            })
             .collect();
-        if !revive.is_empty() {
-            let aux = &mut state.layers[l].aux;
-            let mut merged: Vec<(u32, Vec<f32>)> = next_compute
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| (p, next_x[i * h..(i + 1) * h].to_vec()))
-                .collect();
-            for &p in &revive {
-                let hidden = aux.take(p).ok_or(crate::Error::Internal("revived token missing from the Aux Cache"))?;
-                merged.push((p, hidden));
+        let scores = model.layer_forward_batch(l, &mut x, &mut segments)?;
+        drop(segments);
+
+        let mut rest = x.as_slice();
+        let running = inputs.iter_mut().zip(runs.iter_mut()).enumerate().filter(|(_, (_, r))| !r.done);
+        for (((i, (input, run)), (keep, keys)), scores) in running.zip(plans).zip(scores) {
+            let (mine, tail) = rest.split_at(run.compute.len() * h);
+            rest = tail;
+            run.x.copy_from_slice(mine);
+            let state = &mut *input.state;
+            state.stats.computed[l] += run.compute.len();
+            if run.stop_after == Some(l) {
+                // A partial chunk waits where the prompt's end will score it.
+                if l + 1 < num_layers {
+                    for (p, row) in run.compute.iter().zip(run.x.chunks_exact(h)) {
+                        state.layers[l].aux.insert(*p, row);
+                    }
+                }
+                run.done = true;
+            } else if let Some(keep) = keep {
+                let scores = scores.ok_or(Error::Internal("scores were asked for"))?;
+                prune(state, l, run, keep, keys.as_deref(), scores, h)?;
             }
-            merged.sort_unstable_by_key(|(p, _)| *p);
-            next_compute = merged.iter().map(|(p, _)| *p).collect();
-            next_x = merged.into_iter().flat_map(|(_, r)| r).collect();
-            state.stats.revived += revive.len();
+            on_layer(i, l, &state.layers[l])?;
         }
-        compute = next_compute;
-        x = next_x;
-        alive = Some(selected);
-        on_layer(l, &state.layers[l])?;
     }
-    debug_assert_eq!(compute.last(), Some(&last));
-    Ok(model.logits(&x[x.len() - h..]))
+    let last_rows: Vec<f32> = runs.iter().filter(|r| r.stop_after.is_none()).flat_map(|r| r.x[r.x.len() - h..].iter().copied()).collect();
+    let mut logits = model.logits_batch(&last_rows).into_iter();
+    Ok(runs.iter().map(|r| if r.stop_after.is_none() { logits.next() } else { None }).collect())
+}
+
+/// After pruning layer `l`: keeps the selected tokens alive, sends the dropped ones computed
+/// here to the Aux Cache, and revives selected tokens that have no K/V at the next layer.
+fn prune(state: &mut SequenceState, l: usize, run: &mut Run, keep: f32, keys: Option<&[u32]>, mut scores: Vec<f32>, h: usize) -> Result<()> {
+    let schedule = &state.schedule;
+    let layer = &state.layers[l];
+    let key_positions: Vec<u32> = match keys {
+        Some(rows) => rows.iter().map(|&r| layer.kv.positions[r as usize]).collect(),
+        None => layer.kv.positions.clone(),
+    };
+    let total = state.tokens.len() as u64;
+    if schedule.mode == Mode::Random {
+        let mut rng = StdRng::seed_from_u64(state.seed ^ (total << 20) ^ l as u64);
+        scores.iter_mut().for_each(|s| *s = rng.random());
+    }
+    let selected = select(&key_positions, &scores, keep, schedule, run.first_forced);
+
+    // Tokens computed here that are dropped go to this layer's Aux Cache; the rest go on.
+    let mut next_compute = Vec::with_capacity(run.compute.len());
+    let mut next_x = Vec::with_capacity(run.x.len());
+    let stash = schedule.mode != Mode::Static;
+    for (&p, row) in run.compute.iter().zip(run.x.chunks_exact(h)) {
+        if selected.binary_search(&p).is_ok() {
+            next_compute.push(p);
+            next_x.extend_from_slice(row);
+        } else if stash {
+            state.layers[l].aux.insert(p, row);
+        }
+    }
+    // Selected tokens without K/V at the next layer that were not computed here: revive.
+    let next_layer = &state.layers[l + 1];
+    let revive: Vec<u32> = selected
+        .iter()
+        .copied()
+        .filter(|&p| next_layer.row_of[p as usize] == NONE && run.compute.binary_search(&p).is_err())
+        .collect();
+    if !revive.is_empty() {
+        let aux = &mut state.layers[l].aux;
+        let mut merged: Vec<(u32, Vec<f32>)> =
+            next_compute.iter().zip(next_x.chunks_exact(h)).map(|(&p, row)| (p, row.to_vec())).collect();
+        for &p in &revive {
+            let hidden = aux.take(p).ok_or(Error::Internal("revived token missing from the Aux Cache"))?;
+            merged.push((p, hidden));
+        }
+        merged.sort_unstable_by_key(|(p, _)| *p);
+        next_compute = merged.iter().map(|(p, _)| *p).collect();
+        next_x = merged.into_iter().flat_map(|(_, r)| r).collect();
+        state.stats.revived += revive.len();
+    }
+    if !stash {
+        // Static pruning never revives: prompt chunks left here are dropped for good.
+        state.layers[l].aux.clear();
+    }
+    run.compute = next_compute;
+    run.x = next_x;
+    run.alive = Some(selected);
+    Ok(())
 }
 
 /// Marks "no row" in [`state::LayerState::row_of`].

@@ -52,6 +52,11 @@ impl AuxCache {
         self.hidden.extend_from_slice(hidden);
     }
 
+    pub(crate) fn clear(&mut self) {
+        self.positions.clear();
+        self.hidden.clear();
+    }
+
     /// Removes and returns the hidden state of `position`.
     pub(crate) fn take(&mut self, position: u32) -> Option<Vec<f32>> {
         let i = self.positions.iter().position(|&p| p == position)?;
@@ -90,6 +95,7 @@ pub struct LazyStats {
 #[derive(Debug, Clone)]
 pub struct SequenceState {
     pub tokens: Vec<u32>,
+    /// Set when the step that ends the prompt runs; 0 while the prompt is not complete.
     pub prompt_len: usize,
     pub schedule: Schedule,
     /// Seeds the random baseline.
@@ -133,6 +139,7 @@ impl SequenceState {
         let kv_width = cfg.num_key_value_heads * cfg.head_dim;
         let mut state = Self::new(model, schedule, layers[0].0.k.dtype(), seed);
         state.push_tokens(&tokens);
+        state.prompt_len = n;
         for (l, (kv, aux)) in layers.into_iter().enumerate() {
             let rows = kv.positions.len();
             if kv.k.len() != rows * kv_width || kv.v.len() != rows * kv_width || kv.k.dtype() != kv.v.dtype() {
@@ -179,9 +186,6 @@ impl SequenceState {
     }
 
     pub(crate) fn push_tokens(&mut self, tokens: &[u32]) {
-        if self.tokens.is_empty() {
-            self.prompt_len = tokens.len();
-        }
         self.tokens.extend_from_slice(tokens);
         for layer in &mut self.layers {
             layer.row_of.resize(self.tokens.len(), NONE);

@@ -70,14 +70,44 @@ impl Linear {
     }
 
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        debug_assert_eq!(x.len(), rows * self.in_dim);
-        debug_assert_eq!(y.len(), rows * self.out_dim);
-        match &self.q8 {
-            Some(q8) if rows <= Q8_MAX_ROWS => q8.matmul(x, rows, y),
-            _ => matmul_wt(x, rows, &self.weight, self.out_dim, self.in_dim, y),
+        self.forward_segments_into(x, &[rows], y);
+    }
+
+    /// `x` holds the rows of several sequences, `segments[i]` rows each, stacked. Each
+    /// segment gets the kernel it would get alone (Q8_0 for a few rows, f32 GEMM for many),
+    /// so a row's result does not depend on what else is in the batch; consecutive Q8_0
+    /// segments share one pass over the weights (its rows are independent of each other).
+    pub fn forward_segments(&self, x: &[f32], segments: &[usize]) -> Vec<f32> {
+        let rows: usize = segments.iter().sum();
+        let mut y = vec![0f32; rows * self.out_dim];
+        self.forward_segments_into(x, segments, &mut y);
+        y
+    }
+
+    fn forward_segments_into(&self, x: &[f32], segments: &[usize], y: &mut [f32]) {
+        let (inp, out) = (self.in_dim, self.out_dim);
+        let rows: usize = segments.iter().sum();
+        assert_eq!(x.len(), rows * inp, "input rows");
+        assert_eq!(y.len(), rows * out, "output rows");
+        let q8_rows = |n: usize| self.q8.is_some() && n <= Q8_MAX_ROWS;
+        let (mut r0, mut i) = (0, 0);
+        while i < segments.len() {
+            let start = r0;
+            if q8_rows(segments[i]) {
+                while i < segments.len() && q8_rows(segments[i]) {
+                    r0 += segments[i];
+                    i += 1;
+                }
+                let q8 = self.q8.as_ref().expect("checked above");
+                q8.matmul(&x[start * inp..r0 * inp], r0 - start, &mut y[start * out..r0 * out]);
+            } else {
+                r0 += segments[i];
+                i += 1;
+                matmul_wt(&x[start * inp..r0 * inp], r0 - start, &self.weight, out, inp, &mut y[start * out..r0 * out]);
+            }
         }
         if let Some(b) = &self.bias {
-            for yr in y.chunks_exact_mut(self.out_dim) {
+            for yr in y.chunks_exact_mut(out) {
                 super::math::add_assign(yr, b);
             }
         }
@@ -125,6 +155,25 @@ mod tests {
         let yq = lin.forward(&x, rows);
         for (a, b) in y.iter().zip(&yq) {
             assert!((a - b).abs() < 0.05 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn stacked_segments_give_each_segment_its_own_result() {
+        let (out, inner) = (48, 64);
+        let w: Vec<f32> = (0..out * inner).map(|i| ((i * 29 % 23) as f32 - 11.0) / 11.0).collect();
+        let mut lin = Linear::new(w, None, out, inner);
+        lin.quantize_q8();
+        // A decode row, a chunk too long for Q8_0, and two more few-row segments.
+        let segments = [1, Q8_MAX_ROWS + 8, 3, 1];
+        let rows: usize = segments.iter().sum();
+        let x: Vec<f32> = (0..rows * inner).map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0).collect();
+        let stacked = lin.forward_segments(&x, &segments);
+        let mut r0 = 0;
+        for &n in &segments {
+            let alone = lin.forward(&x[r0 * inner..(r0 + n) * inner], n);
+            assert_eq!(alone, stacked[r0 * out..(r0 + n) * out], "segment of {n} rows at row {r0}");
+            r0 += n;
         }
     }
 }

@@ -1,0 +1,117 @@
+//! The decode worker's state store: every sequence it holds, with an owner and a deadline.
+//! A state is freed when its Decode stream ends for any reason (the guard [`Owned`] is
+//! dropped), when it is released, or when its deadline passes with nobody decoding it.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use lazyserve_engine::lazy::SequenceState;
+use lazyserve_engine::{Engine, SamplingParams};
+
+use super::engine_loop::EngineLoop;
+use crate::error::{Error, Result};
+
+/// How often abandoned states are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) struct Held {
+    /// None while a Decode stream owns it.
+    pub state: Option<Box<SequenceState>>,
+    pub sampling: SamplingParams,
+    pub bytes: usize,
+    pub deadline: Instant,
+}
+
+#[derive(Default)]
+pub(super) struct Store {
+    pub held: HashMap<String, Held>,
+    /// Sequences released before their state arrived, until when to refuse it.
+    pub released: HashMap<String, Instant>,
+    /// State streams being received, and the bytes they hold so far.
+    pub receiving: usize,
+    pub receiving_bytes: HashMap<u64, usize>,
+    pub next_stream: u64,
+}
+
+impl Store {
+    pub fn bytes(&self) -> usize {
+        self.held.values().map(|h| h.bytes).sum::<usize>() + self.receiving_bytes.values().sum::<usize>()
+    }
+}
+
+pub(super) struct Inner {
+    pub engine: Arc<Engine>,
+    pub store: Mutex<Store>,
+    pub engine_loop: EngineLoop,
+    pub max_sequences: usize,
+    pub max_bytes: usize,
+    pub served: AtomicU64,
+}
+
+impl Inner {
+    pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().expect("state store lock")
+    }
+
+    /// Refuses a new sequence when the worker holds as many as it may.
+    pub fn check_room(&self, store: &Store) -> Result<()> {
+        if store.held.len() + store.receiving >= self.max_sequences {
+            return Err(Error::Overloaded(format!("decode worker holds {} sequences already", self.max_sequences)));
+        }
+        Ok(())
+    }
+
+    pub fn set_bytes(&self, sequence_id: &str, bytes: usize) {
+        if let Some(h) = self.store().held.get_mut(sequence_id) {
+            h.bytes = bytes;
+        }
+    }
+}
+
+/// Forgets a state stream being received when it ends, however it ends.
+pub(super) struct Receiving {
+    pub inner: Arc<Inner>,
+    pub id: u64,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut store = self.inner.store();
+        store.receiving -= 1;
+        store.receiving_bytes.remove(&self.id);
+    }
+}
+
+/// Frees a held state when its Decode stream ends, however it ends.
+pub(super) struct Owned {
+    pub inner: Arc<Inner>,
+    pub sequence_id: String,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.inner.store().held.remove(&self.sequence_id);
+        tracing::debug!(sequence_id = %self.sequence_id, "state freed");
+    }
+}
+
+/// Frees states whose deadline passed with nobody decoding them.
+pub(super) async fn sweep(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut store = inner.store();
+        store.released.retain(|_, until| *until > now);
+        store.held.retain(|id, h| {
+            let keep = h.state.is_none() || h.deadline > now;
+            if !keep {
+                tracing::warn!(sequence_id = %id, bytes = h.bytes, "freeing a state nobody decoded before its deadline");
+            }
+            keep
+        });
+    }
+}

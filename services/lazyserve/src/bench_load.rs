@@ -1,0 +1,304 @@
+//! `lazyserve bench-load`: the server under concurrent load. For each prompt length and
+//! concurrency, that many clients keep one streamed request each in flight; the table gives
+//! aggregate output tokens/s, time to first token and inter-token latency percentiles, each
+//! beside its value at concurrency 1 in the same run. A last row measures what local-path
+//! prompts arriving one after another do to the inter-token latency of 16 decoding streams.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use lazyserve_proto::v1::generate_request::Input;
+use lazyserve_proto::v1::generate_response::Event;
+use lazyserve_proto::v1::generation_client::GenerationClient;
+use lazyserve_proto::v1::GenerateRequest as WireRequest;
+use tonic::transport::Channel;
+
+#[derive(Args, Debug)]
+pub struct BenchLoadArgs {
+    /// Model file; also what `lazyserve serve` is started with.
+    #[arg(long, env = "LAZYSERVE_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// A running router to load (host:port); unset: start `lazyserve serve` for the run.
+    #[arg(long)]
+    target: Option<String>,
+    /// Extra flags for the `lazyserve serve` this command starts (repeat the flag).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+    /// Prompt lengths in tokens (below `--local-prefill-tokens`, 256 by default, prompts are
+    /// prefilled on the decode worker).
+    #[arg(long, value_delimiter = ',', default_value = "240,2048")]
+    lengths: Vec<usize>,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    concurrency: Vec<usize>,
+    /// Requests per client at each level.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Tokens generated per request (greedy).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Also measure 16 streams with and without local-path prompts arriving meanwhile.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    interference: bool,
+    /// Text the prompts are cut from (each request a different window).
+    #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
+    corpus: PathBuf,
+}
+
+/// What one request saw: when it started, and when each chunk of tokens arrived.
+struct Sample {
+    start: Instant,
+    arrivals: Vec<(Instant, usize)>,
+    path: String,
+}
+
+impl Sample {
+    fn ttft(&self) -> Option<f64> {
+        self.arrivals.first().map(|(t, _)| t.duration_since(self.start).as_secs_f64())
+    }
+
+    fn tokens(&self) -> usize {
+        self.arrivals.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Gaps between tokens after the first, in seconds (a chunk of n tokens counts its gap
+    /// n times, at gap / n), for gaps that start inside `window`.
+    fn inter_token(&self, window: (Instant, Instant)) -> Vec<f64> {
+        self.arrivals
+            .windows(2)
+            .filter(|w| w[0].0 >= window.0 && w[0].0 < window.1)
+            .flat_map(|w| {
+                let (gap, n) = (w[1].0.duration_since(w[0].0).as_secs_f64(), w[1].1.max(1));
+                std::iter::repeat_n(gap / n as f64, n)
+            })
+            .collect()
+    }
+}
+
+/// `lazyserve serve`, killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Prompts of `n` tokens cut from the corpus at different places, as text.
+struct Prompts {
+    ids: Vec<u32>,
+    tokenizer: lazyserve_model::Tokenizer,
+    next: AtomicUsize,
+}
+
+impl Prompts {
+    fn take(&self, n: usize) -> anyhow::Result<String> {
+        let k = self.next.fetch_add(1, Ordering::SeqCst);
+        let at = (k * 7919) % self.ids.len();
+        let window: Vec<u32> = self.ids.iter().copied().cycle().skip(at).take(n).collect();
+        Ok(self.tokenizer.decode(&window)?)
+    }
+}
+
+async fn request(mut client: GenerationClient<Channel>, text: String, max_tokens: u32) -> anyhow::Result<Sample> {
+    let req = WireRequest { input: Some(Input::Prompt(text)), max_tokens, ..Default::default() };
+    let start = Instant::now();
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut sample = Sample { start, arrivals: Vec::new(), path: String::new() };
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(Event::Chunk(c)) => sample.arrivals.push((Instant::now(), c.token_ids.len())),
+            Some(Event::Complete(c)) => sample.path = c.timings.map(|t| t.prefill_path).unwrap_or_default(),
+            Some(Event::Error(e)) => bail!("stream error: {e:?}"),
+            None => {}
+        }
+    }
+    Ok(sample)
+}
+
+/// `clients` clients, `rounds` requests each; the samples and the wall time.
+async fn level(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>, n: usize, clients: usize, rounds: usize, max_tokens: u32) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, prompts) = (client.clone(), prompts.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..rounds {
+                    out.push(request(client.clone(), prompts.take(n)?, max_tokens).await?);
+                }
+                anyhow::Ok(out)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await??);
+    }
+    Ok((samples, start.elapsed().as_secs_f64()))
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1]
+}
+
+/// One table row's numbers.
+#[derive(Clone, Copy)]
+struct Stats {
+    throughput: f64,
+    ttft: (f64, f64),
+    itl: (f64, f64),
+}
+
+fn stats(samples: &[Sample], wall: f64) -> Stats {
+    let all = (Instant::now() - Duration::from_secs(1 << 20), Instant::now());
+    let mut ttft: Vec<f64> = samples.iter().filter_map(Sample::ttft).collect();
+    let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token(all)).collect();
+    let tokens: usize = samples.iter().map(Sample::tokens).sum();
+    Stats {
+        throughput: tokens as f64 / wall,
+        ttft: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
+        itl: (percentile(&mut itl, 0.5), percentile(&mut itl, 0.99)),
+    }
+}
+
+/// 16 streams of `max_tokens`; with `interfere`, local-path prompts arrive one after another
+/// from when all 16 decode until the first one ends. Returns the streams' inter-token
+/// latency p99 over that window, and the prompts that arrived in it.
+async fn interference(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>, n: usize, max_tokens: u32, interfere: bool) -> anyhow::Result<(f64, f64, usize)> {
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, prompts) = (client.clone(), prompts.clone());
+            tokio::spawn(async move { request(client, prompts.take(n)?, max_tokens).await })
+        })
+        .collect();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let injector = {
+        let (client, prompts) = (client.clone(), prompts.clone());
+        tokio::spawn(async move {
+            // Give the 16 time to prefill and start decoding.
+            tokio::time::sleep(Duration::from_secs(3 + n as u64 / 16)).await;
+            let mut injected = 0;
+            while interfere && stop_rx.try_recv().is_err() {
+                request(client.clone(), prompts.take(n)?, 1).await?;
+                injected += 1;
+            }
+            anyhow::Ok(injected)
+        })
+    };
+    let mut samples = Vec::new();
+    for s in streams {
+        samples.push(s.await??);
+    }
+    let _ = stop_tx.send(());
+    let injected = injector.await??;
+    let decoding_from = samples.iter().filter_map(|s| s.arrivals.first().map(|a| a.0)).max().context("no tokens")?;
+    let until = samples.iter().filter_map(|s| s.arrivals.last().map(|a| a.0)).min().context("no tokens")?;
+    let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token((decoding_from, until))).collect();
+    Ok((percentile(&mut itl.clone(), 0.5), percentile(&mut itl, 0.99), injected))
+}
+
+fn start_server(args: &BenchLoadArgs) -> anyhow::Result<(Server, String)> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", &addr, "--model"])
+        .arg(&args.model)
+        .args(&args.serve_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting lazyserve serve")?;
+    Ok((Server(child), addr))
+}
+
+async fn connect(addr: &str) -> anyhow::Result<GenerationClient<Channel>> {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = GenerationClient::connect(format!("http://{addr}")).await {
+            if request(c.clone(), "Hello".into(), 2).await.is_ok() {
+                return Ok(c);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("no request went through {addr} in 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
+    let meta = lazyserve_model::load_meta(&args.model)?;
+    let text = std::fs::read_to_string(&args.corpus).with_context(|| format!("reading corpus {}", args.corpus.display()))?;
+    let ids = meta.tokenizer.encode(&text)?;
+    if ids.is_empty() {
+        bail!("corpus {} is empty", args.corpus.display());
+    }
+    let prompts = Arc::new(Prompts { ids, tokenizer: meta.tokenizer, next: AtomicUsize::new(0) });
+    let (server, addr) = match &args.target {
+        Some(a) => (None, a.clone()),
+        None => {
+            let (s, a) = start_server(&args)?;
+            (Some(s), a)
+        }
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = connect(&addr).await?;
+        println!(
+            "model {} | {} | {} tokens per request, greedy | {} requests per client | {} cores",
+            meta.name,
+            if server.is_some() { format!("lazyserve serve {}", args.serve_args.join(" ")) } else { format!("router at {addr}") },
+            args.max_tokens,
+            args.rounds,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &n in &args.lengths {
+            let mut base: Option<Stats> = None;
+            for &c in &args.concurrency {
+                let (samples, wall) = level(&client, &prompts, n, c, args.rounds, args.max_tokens).await?;
+                let s = stats(&samples, wall);
+                let b = *base.get_or_insert(s);
+                let path = samples.first().map_or("", |x| x.path.as_str());
+                println!(
+                    "| {n} | {path} | {c} | {} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
+                    samples.len(),
+                    s.throughput,
+                    s.throughput / b.throughput,
+                    s.ttft.0,
+                    s.ttft.1,
+                    s.ttft.1 / b.ttft.1,
+                    s.itl.0 * 1e3,
+                    s.itl.1 * 1e3,
+                    s.itl.1 / b.itl.1,
+                );
+            }
+        }
+        if args.interference {
+            let n = args.lengths.iter().copied().min().unwrap_or(240);
+            let max_tokens = args.max_tokens * 2;
+            let (p50, p99, _) = interference(&client, &prompts, n, max_tokens, false).await?;
+            let (p50_with, p99_with, injected) = interference(&client, &prompts, n, max_tokens, true).await?;
+            println!();
+            println!("16 streams of {max_tokens} tokens ({n}-token prompts), inter-token latency while all 16 decode:");
+            println!("| local-path prompts arriving | ITL p50 ms | ITL p99 ms | p99 vs none |");
+            println!("|---|---:|---:|---:|");
+            println!("| none | {:.1} | {:.1} | 1.00x |", p50 * 1e3, p99 * 1e3);
+            println!("| {injected}, one after another | {:.1} | {:.1} | {:.2}x |", p50_with * 1e3, p99_with * 1e3, p99_with / p99);
+        }
+        anyhow::Ok(())
+    })?;
+    drop(server);
+    Ok(())
+}
