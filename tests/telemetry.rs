@@ -261,10 +261,21 @@ async fn prometheus_scrapes_every_service() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let held = query("sum(lazyserve_decode_sequences_held)")?;
+    let waiting = query("sum(lazyserve_decode_sequences_waiting)")?;
+    let iterations = query("sum(lazyserve_decode_batch_size_count)")?;
+    let stepped = query("sum(lazyserve_decode_batch_size_sum)")?;
     drop(prometheus);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     assert!(held.contains("\"0\""), "{held}");
+    assert!(waiting.contains("\"0\""), "{waiting}");
+    // One request at a time: every decode iteration stepped exactly one sequence.
+    let value = |body: &str| -> Result<f64> {
+        let v: serde_json::Value = serde_json::from_str(body)?;
+        Ok(v["data"]["result"][0]["value"][1].as_str().unwrap_or("0").parse()?)
+    };
+    assert!(value(&iterations)? > 0.0, "{iterations}");
+    assert_eq!(value(&iterations)?, value(&stepped)?, "{iterations} {stepped}");
     Ok(())
 }
 

@@ -89,16 +89,19 @@ impl<S> Seq<S> {
         self.cursor < self.prompt.len()
     }
 
-    /// The next prompt chunk's length: `chunk` tokens, except that the chunk ending the
-    /// prompt holds the whole observation window (its queries score the prompt).
     fn next_chunk(&self, chunk: usize) -> usize {
-        let rest = self.prompt.len() - self.cursor;
-        let window = self.state.schedule.window.min(self.prompt.len());
-        if rest <= chunk.max(window) {
-            rest
-        } else {
-            chunk.min(rest - window)
-        }
+        chunk_len(self.prompt.len() - self.cursor, chunk, self.state.schedule.window.min(self.prompt.len()))
+    }
+}
+
+/// The next prompt chunk's length when `rest` prompt tokens are left: `chunk` tokens,
+/// except that the chunk ending the prompt holds the whole observation `window` (its
+/// queries score the prompt). Depends on the prompt alone, never on the batch.
+fn chunk_len(rest: usize, chunk: usize, window: usize) -> usize {
+    if rest <= chunk.max(window) {
+        rest
+    } else {
+        chunk.min(rest - window)
     }
 }
 
@@ -279,4 +282,32 @@ fn send_done<S: Sink>(seq: &mut Seq<S>) {
     let state = &seq.state;
     let done = Event::Done { tokens: seq.produced, computed_fraction: state.computed_fraction(), revived: state.stats.revived };
     seq.sink.send(done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_len;
+
+    /// The chunks a prompt of `len` tokens is cut into.
+    fn chunks(len: usize, chunk: usize, window: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut rest = len;
+        while rest > 0 {
+            let n = chunk_len(rest, chunk, window);
+            out.push(n);
+            rest -= n;
+        }
+        out
+    }
+
+    #[test]
+    fn prompts_are_cut_into_fixed_chunks_ending_with_the_window() {
+        assert_eq!(chunks(5, 32, 1), vec![5]);
+        assert_eq!(chunks(100, 32, 1), vec![32, 32, 32, 4]);
+        assert_eq!(chunks(64, 32, 1), vec![32, 32]);
+        // The last chunk holds the observation window, even when that is longer than a chunk.
+        assert_eq!(chunks(70, 32, 8), vec![32, 30, 8]);
+        assert_eq!(chunks(100, 32, 40), vec![32, 28, 40]);
+        assert_eq!(chunks(30, 32, 40), vec![30]);
+    }
 }

@@ -1,5 +1,6 @@
 //! CPU kernels for the forward pass. Hot loops are compiled twice, once for AVX2+FMA and once
-//! for the baseline target, and picked at run time, so a built binary runs on any x86-64.
+//! for the baseline target (the Q8_0 products also for AVX-512 VNNI), and picked at run time,
+//! so a built binary runs on any x86-64.
 
 pub mod attention;
 pub mod kv;
@@ -24,6 +25,37 @@ pub fn avx2_fma() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// True when the CPU also has AVX-512 VNNI on 256-bit vectors (`vpdpwssd`; checked once).
+#[inline]
+pub fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            avx2_fma()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The widest kernel set this CPU runs, for benchmark headers.
+pub fn simd_path() -> &'static str {
+    if avx512_vnni() {
+        "avx512-vnni"
+    } else if avx2_fma() {
+        "avx2+fma"
+    } else {
+        "portable"
     }
 }
 
