@@ -1,6 +1,7 @@
 //! `lazyserve bench-load`: the server under concurrent load. For each prompt length and
 //! concurrency, that many clients keep one streamed request each in flight; the table gives
-//! aggregate output tokens/s, time to first token and inter-token latency percentiles, each
+//! aggregate output tokens/s (prefill included), the decode rate (clients over the mean
+//! inter-token latency), time to first token and inter-token latency percentiles, each
 //! beside its value at concurrency 1 in the same run. A last row measures what local-path
 //! prompts arriving one after another do to the inter-token latency of 16 decoding streams.
 
@@ -106,14 +107,29 @@ impl Prompts {
     }
 }
 
-async fn request(mut client: GenerationClient<Channel>, text: String, max_tokens: u32) -> anyhow::Result<Sample> {
+async fn request(client: GenerationClient<Channel>, text: String, max_tokens: u32) -> anyhow::Result<Sample> {
+    request_counted(client, text, max_tokens, None).await
+}
+
+/// [`request`], counting in `decoding` the streams that have their first token.
+async fn request_counted(
+    mut client: GenerationClient<Channel>,
+    text: String,
+    max_tokens: u32,
+    decoding: Option<&AtomicUsize>,
+) -> anyhow::Result<Sample> {
     let req = WireRequest { input: Some(Input::Prompt(text)), max_tokens, ..Default::default() };
     let start = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();
     let mut sample = Sample { start, arrivals: Vec::new(), path: String::new() };
     while let Some(msg) = stream.message().await? {
         match msg.event {
-            Some(Event::Chunk(c)) => sample.arrivals.push((Instant::now(), c.token_ids.len())),
+            Some(Event::Chunk(c)) => {
+                if sample.arrivals.is_empty() {
+                    decoding.inspect(|d| _ = d.fetch_add(1, Ordering::SeqCst));
+                }
+                sample.arrivals.push((Instant::now(), c.token_ids.len()));
+            }
             Some(Event::Complete(c)) => sample.path = c.timings.map(|t| t.prefill_path).unwrap_or_default(),
             Some(Event::Error(e)) => bail!("stream error: {e:?}"),
             None => {}
@@ -155,18 +171,23 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
 /// One table row's numbers.
 #[derive(Clone, Copy)]
 struct Stats {
+    /// Output tokens over the level's wall time, prefill included.
     throughput: f64,
+    /// Clients over the mean inter-token latency: the token rate while all of them decode.
+    decode: f64,
     ttft: (f64, f64),
     itl: (f64, f64),
 }
 
-fn stats(samples: &[Sample], wall: f64) -> Stats {
+fn stats(samples: &[Sample], clients: usize, wall: f64) -> Stats {
     let all = (Instant::now() - Duration::from_secs(1 << 20), Instant::now());
     let mut ttft: Vec<f64> = samples.iter().filter_map(Sample::ttft).collect();
     let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token(all)).collect();
     let tokens: usize = samples.iter().map(Sample::tokens).sum();
+    let mean_itl = itl.iter().sum::<f64>() / itl.len().max(1) as f64;
     Stats {
         throughput: tokens as f64 / wall,
+        decode: clients as f64 / mean_itl,
         ttft: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
         itl: (percentile(&mut itl, 0.5), percentile(&mut itl, 0.99)),
     }
@@ -174,22 +195,29 @@ fn stats(samples: &[Sample], wall: f64) -> Stats {
 
 /// 16 streams of `max_tokens`; with `interfere`, local-path prompts arrive one after another
 /// from when all 16 decode until the first one ends. Returns the streams' inter-token
-/// latency p99 over that window, and the prompts that arrived in it.
+/// latency p50 and p99 over that window, and the prompts that arrived in it.
 async fn interference(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>, n: usize, max_tokens: u32, interfere: bool) -> anyhow::Result<(f64, f64, usize)> {
-    let streams: Vec<_> = (0..16)
+    const STREAMS: usize = 16;
+    let decoding = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let streams: Vec<_> = (0..STREAMS)
         .map(|_| {
-            let (client, prompts) = (client.clone(), prompts.clone());
-            tokio::spawn(async move { request(client, prompts.take(n)?, max_tokens).await })
+            let (client, prompts, decoding, ended) = (client.clone(), prompts.clone(), decoding.clone(), ended.clone());
+            tokio::spawn(async move {
+                let sample = request_counted(client, prompts.take(n)?, max_tokens, Some(&decoding)).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+                sample
+            })
         })
         .collect();
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let injector = {
-        let (client, prompts) = (client.clone(), prompts.clone());
+        let (client, prompts, decoding, ended) = (client.clone(), prompts.clone(), decoding.clone(), ended.clone());
         tokio::spawn(async move {
-            // Give the 16 time to prefill and start decoding.
-            tokio::time::sleep(Duration::from_secs(3 + n as u64 / 16)).await;
+            while decoding.load(Ordering::SeqCst) < STREAMS && ended.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let mut injected = 0;
-            while interfere && stop_rx.try_recv().is_err() {
+            while interfere && ended.load(Ordering::SeqCst) == 0 {
                 request(client.clone(), prompts.take(n)?, 1).await?;
                 injected += 1;
             }
@@ -200,12 +228,11 @@ async fn interference(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>
     for s in streams {
         samples.push(s.await??);
     }
-    let _ = stop_tx.send(());
     let injected = injector.await??;
     let decoding_from = samples.iter().filter_map(|s| s.arrivals.first().map(|a| a.0)).max().context("no tokens")?;
     let until = samples.iter().filter_map(|s| s.arrivals.last().map(|a| a.0)).min().context("no tokens")?;
     let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token((decoding_from, until))).collect();
-    Ok((percentile(&mut itl.clone(), 0.5), percentile(&mut itl, 0.99), injected))
+    Ok((percentile(&mut itl, 0.5), percentile(&mut itl, 0.99), injected))
 }
 
 fn start_server(args: &BenchLoadArgs) -> anyhow::Result<(Server, String)> {
@@ -255,27 +282,30 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let client = connect(&addr).await?;
         println!(
-            "model {} | {} | {} tokens per request, greedy | {} requests per client | {} cores",
+            "model {} | {} | {} tokens per request, greedy | {} requests per client | {} cores, kernels {}",
             meta.name,
             if server.is_some() { format!("lazyserve serve {}", args.serve_args.join(" ")) } else { format!("router at {addr}") },
             args.max_tokens,
             args.rounds,
-            std::thread::available_parallelism().map_or(0, |n| n.get())
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            lazyserve_model::kernels::simd_path(),
         );
-        println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | decode tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for &n in &args.lengths {
             let mut base: Option<Stats> = None;
             for &c in &args.concurrency {
                 let (samples, wall) = level(&client, &prompts, n, c, args.rounds, args.max_tokens).await?;
-                let s = stats(&samples, wall);
+                let s = stats(&samples, c, wall);
                 let b = *base.get_or_insert(s);
                 let path = samples.first().map_or("", |x| x.path.as_str());
                 println!(
-                    "| {n} | {path} | {c} | {} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
+                    "| {n} | {path} | {c} | {} | {:.1} | {:.2}x | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
                     samples.len(),
                     s.throughput,
                     s.throughput / b.throughput,
+                    s.decode,
+                    s.decode / b.decode,
                     s.ttft.0,
                     s.ttft.1,
                     s.ttft.1 / b.ttft.1,
@@ -287,7 +317,8 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
         }
         if args.interference {
             let n = args.lengths.iter().copied().min().unwrap_or(240);
-            let max_tokens = args.max_tokens * 2;
+            // Long enough that the 16 all decode for a while after the last one's prefill.
+            let max_tokens = args.max_tokens * 4;
             let (p50, p99, _) = interference(&client, &prompts, n, max_tokens, false).await?;
             let (p50_with, p99_with, injected) = interference(&client, &prompts, n, max_tokens, true).await?;
             println!();

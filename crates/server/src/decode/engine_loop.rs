@@ -89,9 +89,17 @@ impl EngineLoop {
         let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(LoopStats::default());
         let loop_stats = stats.clone();
+        // Compute threads of its own: where prefill shares the process (`lazyserve serve`),
+        // a long prompt's tasks would otherwise queue ahead of every decode step's, and the
+        // streams would stall for the whole prefill instead of sharing the cores with it.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .expect("building the decode thread pool");
         std::thread::Builder::new()
             .name("decode-loop".into())
-            .spawn(move || run(Batcher::new(engine, cfg), &rx, &loop_stats, metrics.as_ref()))
+            .spawn(move || pool.install(move || run(Batcher::new(engine, cfg), &rx, &loop_stats, metrics.as_ref())))
             .expect("spawning the decode loop thread");
         Self { tx, stats }
     }
