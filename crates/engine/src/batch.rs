@@ -138,9 +138,13 @@ impl<S: Sink> Batcher<S> {
 
     /// Adds a sequence; it runs from the next iteration on.
     pub fn join(&mut self, join: Join<S>) {
-        let Join { start, sampler, max_tokens, sink } = join;
+        let Join { start, sampler, max_tokens, mut sink } = join;
         let engine = &self.engine;
         let (state, prompt, last, produced) = match start {
+            Start::Prompt { prompt_ids, .. } if prompt_ids.is_empty() => {
+                sink.send(Event::Failed(Error::InvalidParameter { field: "prompt", reason: "is empty".into() }));
+                return;
+            }
             Start::Prompt { prompt_ids, schedule } => {
                 let seed = sampler.params().seed;
                 (Box::new(SequenceState::new(&engine.model, schedule, engine.kv_dtype, seed)), prompt_ids, 0, 0)
@@ -191,9 +195,7 @@ impl<S: Sink> Batcher<S> {
                     _ => "the step panicked".to_string(),
                 };
                 tracing::error!(error = %why, sequences = plan.len(), "batched step failed; failing its sequences");
-                let mut failed: Vec<usize> = plan.iter().map(|(i, _)| *i).collect();
-                failed.reverse();
-                for i in failed {
+                for &(i, _) in plan.iter().rev() {
                     let mut seq = self.seqs.remove(i);
                     seq.sink.send(Event::Failed(Error::Step(why.clone())));
                 }

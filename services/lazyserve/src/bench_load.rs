@@ -1,9 +1,10 @@
 //! `lazyserve bench-load`: the server under concurrent load. For each prompt length and
 //! concurrency, that many clients keep one streamed request each in flight; the table gives
-//! aggregate output tokens/s (prefill included), the decode rate (clients over the mean
-//! inter-token latency), time to first token and inter-token latency percentiles, each
-//! beside its value at concurrency 1 in the same run. A last row measures what local-path
-//! prompts arriving one after another do to the inter-token latency of 16 decoding streams.
+//! aggregate output tokens/s (prefill included), time to first token and inter-token
+//! latency percentiles, each beside its value at concurrency 1 in the same run. A second
+//! table gives the aggregate decode rate of 16 streams while all of them decode, beside
+//! one stream's, and what local-path prompts arriving one after another meanwhile do to
+//! their inter-token latency.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -173,30 +174,38 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
 struct Stats {
     /// Output tokens over the level's wall time, prefill included.
     throughput: f64,
-    /// Clients over the mean inter-token latency: the token rate while all of them decode.
-    decode: f64,
     ttft: (f64, f64),
     itl: (f64, f64),
+    mean_itl: f64,
 }
 
-fn stats(samples: &[Sample], clients: usize, wall: f64) -> Stats {
+fn stats(samples: &[Sample], wall: f64) -> Stats {
     let all = (Instant::now() - Duration::from_secs(1 << 20), Instant::now());
     let mut ttft: Vec<f64> = samples.iter().filter_map(Sample::ttft).collect();
     let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token(all)).collect();
     let tokens: usize = samples.iter().map(Sample::tokens).sum();
-    let mean_itl = itl.iter().sum::<f64>() / itl.len().max(1) as f64;
     Stats {
         throughput: tokens as f64 / wall,
-        decode: clients as f64 / mean_itl,
+        mean_itl: mean(&itl),
         ttft: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
         itl: (percentile(&mut itl, 0.5), percentile(&mut itl, 0.99)),
     }
 }
 
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
 /// 16 streams of `max_tokens`; with `interfere`, local-path prompts arrive one after another
 /// from when all 16 decode until the first one ends. Returns the streams' inter-token
-/// latency p50 and p99 over that window, and the prompts that arrived in it.
-async fn interference(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>, n: usize, max_tokens: u32, interfere: bool) -> anyhow::Result<(f64, f64, usize)> {
+/// latency (mean, p50, p99) over that window, and the prompts that arrived in it.
+async fn interference(
+    client: &GenerationClient<Channel>,
+    prompts: &Arc<Prompts>,
+    n: usize,
+    max_tokens: u32,
+    interfere: bool,
+) -> anyhow::Result<([f64; 3], usize)> {
     const STREAMS: usize = 16;
     let decoding = Arc::new(AtomicUsize::new(0));
     let ended = Arc::new(AtomicUsize::new(0));
@@ -232,7 +241,7 @@ async fn interference(client: &GenerationClient<Channel>, prompts: &Arc<Prompts>
     let decoding_from = samples.iter().filter_map(|s| s.arrivals.first().map(|a| a.0)).max().context("no tokens")?;
     let until = samples.iter().filter_map(|s| s.arrivals.last().map(|a| a.0)).min().context("no tokens")?;
     let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.inter_token((decoding_from, until))).collect();
-    Ok((percentile(&mut itl, 0.5), percentile(&mut itl, 0.99), injected))
+    Ok(([mean(&itl), percentile(&mut itl, 0.5), percentile(&mut itl, 0.99)], injected))
 }
 
 fn start_server(args: &BenchLoadArgs) -> anyhow::Result<(Server, String)> {
@@ -290,22 +299,23 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             lazyserve_model::kernels::simd_path(),
         );
-        println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | decode tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        // One stream's decode rate (1 / mean inter-token latency) at the shortest length.
+        let mut one_stream: Option<f64> = None;
         for &n in &args.lengths {
             let mut base: Option<Stats> = None;
             for &c in &args.concurrency {
                 let (samples, wall) = level(&client, &prompts, n, c, args.rounds, args.max_tokens).await?;
-                let s = stats(&samples, c, wall);
+                let s = stats(&samples, wall);
                 let b = *base.get_or_insert(s);
+                one_stream.get_or_insert(1.0 / b.mean_itl);
                 let path = samples.first().map_or("", |x| x.path.as_str());
                 println!(
-                    "| {n} | {path} | {c} | {} | {:.1} | {:.2}x | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
+                    "| {n} | {path} | {c} | {} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
                     samples.len(),
                     s.throughput,
                     s.throughput / b.throughput,
-                    s.decode,
-                    s.decode / b.decode,
                     s.ttft.0,
                     s.ttft.1,
                     s.ttft.1 / b.ttft.1,
@@ -319,14 +329,17 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
             let n = args.lengths.iter().copied().min().unwrap_or(240);
             // Long enough that the 16 all decode for a while after the last one's prefill.
             let max_tokens = args.max_tokens * 4;
-            let (p50, p99, _) = interference(&client, &prompts, n, max_tokens, false).await?;
-            let (p50_with, p99_with, injected) = interference(&client, &prompts, n, max_tokens, true).await?;
+            let (none, _) = interference(&client, &prompts, n, max_tokens, false).await?;
+            let (with, injected) = interference(&client, &prompts, n, max_tokens, true).await?;
+            let one = one_stream.unwrap_or(f64::NAN);
             println!();
-            println!("16 streams of {max_tokens} tokens ({n}-token prompts), inter-token latency while all 16 decode:");
-            println!("| local-path prompts arriving | ITL p50 ms | ITL p99 ms | p99 vs none |");
-            println!("|---|---:|---:|---:|");
-            println!("| none | {:.1} | {:.1} | 1.00x |", p50 * 1e3, p99 * 1e3);
-            println!("| {injected}, one after another | {:.1} | {:.1} | {:.2}x |", p50_with * 1e3, p99_with * 1e3, p99_with / p99);
+            println!("16 streams of {max_tokens} tokens ({n}-token prompts), while all 16 decode; one stream alone decodes {one:.1} tok/s:");
+            println!("| local-path prompts arriving | decode tok/s | vs one stream | ITL p50 ms | ITL p99 ms | p99 vs none |");
+            println!("|---|---:|---:|---:|---:|---:|");
+            for (label, [mean, p50, p99]) in [("none".to_string(), none), (format!("{injected}, one after another"), with)] {
+                let rate = 16.0 / mean;
+                println!("| {label} | {rate:.1} | {:.2}x | {:.1} | {:.1} | {:.2}x |", rate / one, p50 * 1e3, p99 * 1e3, p99 / none[2]);
+            }
         }
         anyhow::Ok(())
     })?;

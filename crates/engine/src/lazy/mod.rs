@@ -92,10 +92,16 @@ pub fn step_batch(
 ) -> Result<Vec<Option<Vec<f32>>>> {
     let cfg = model.config();
     let (h, num_layers) = (cfg.hidden_size, cfg.num_hidden_layers);
+    // Every input is checked before any state changes.
+    let embedded = inputs
+        .iter()
+        .map(|input| {
+            check_step(model, input.state, input.tokens)?;
+            Ok(model.embed(input.tokens)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut runs = Vec::with_capacity(inputs.len());
-    for input in inputs.iter_mut() {
-        check_step(model, input.state, input.tokens)?;
-        let x = model.embed(input.tokens)?;
+    for (input, x) in inputs.iter_mut().zip(embedded) {
         let state = &mut *input.state;
         let start = state.tokens.len();
         let prefill = state.prompt_len == 0;
@@ -144,7 +150,12 @@ pub fn step_batch(
         if plans.is_empty() {
             break;
         }
-        let mut x: Vec<f32> = runs.iter().filter(|r| !r.done).flat_map(|r| r.x.iter().copied()).collect();
+        // Several sequences' rows are stacked (and split back after); a lone one's run in place.
+        let single = plans.len() == 1;
+        let mut x: Vec<f32> = match runs.iter_mut().find(|r| !r.done) {
+            Some(run) if single => std::mem::take(&mut run.x),
+            _ => runs.iter().filter(|r| !r.done).flat_map(|r| r.x.iter().copied()).collect(),
+        };
         let mut segments: Vec<Segment<'_>> = inputs
             .iter_mut()
             .zip(&runs)
@@ -160,12 +171,16 @@ pub fn step_batch(
         let scores = model.layer_forward_batch(l, &mut x, &mut segments)?;
         drop(segments);
 
-        let mut rest = x.as_slice();
+        let mut at = 0;
         let running = inputs.iter_mut().zip(runs.iter_mut()).enumerate().filter(|(_, (_, r))| !r.done);
         for (((i, (input, run)), (keep, keys)), scores) in running.zip(plans).zip(scores) {
-            let (mine, tail) = rest.split_at(run.compute.len() * h);
-            rest = tail;
-            run.x.copy_from_slice(mine);
+            if single {
+                run.x = std::mem::take(&mut x);
+            } else {
+                let n = run.compute.len() * h;
+                run.x.copy_from_slice(&x[at..at + n]);
+                at += n;
+            }
             let state = &mut *input.state;
             state.stats.computed[l] += run.compute.len();
             if run.stop_after == Some(l) {
