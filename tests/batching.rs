@@ -15,7 +15,7 @@ use lazyserve_tests::model_path;
 
 /// Prompt tokens per loop iteration: small, so that most prompts take several chunks.
 const CHUNK: usize = 32;
-const MAX_TOKENS: usize = 32;
+const MAX_TOKENS: usize = 64;
 
 /// Collects one sequence's events; `closed` plays a client that went away.
 #[derive(Clone, Default)]
@@ -55,8 +55,11 @@ impl Sink for Collect {
     }
 }
 
-/// Real prose around a pass key, about `words` words long.
+/// Real prose around a pass key, about `words` words long (just the question when short).
 fn prose(words: usize, key: u32) -> String {
+    if words < 34 {
+        return format!("The pass key is {key}. What is the pass key? The pass key is");
+    }
     let text = "The old lighthouse stood at the edge of the cliff, and every evening the keeper climbed \
                 its narrow stairs to light the lamp. Ships passing in the night relied on its steady beam. ";
     let n = words / 34 + 1;
@@ -142,7 +145,13 @@ fn batched_greedy_tokens_equal_each_sequence_alone() -> Result<()> {
         alone.push(tokens);
     }
     // A prompt that fits one chunk is prefilled exactly as `generate` does it.
-    assert_eq!(alone[0], lazyserve_tests::in_process(&prose(CASES[0].words, 1000), MAX_TOKENS, "off"));
+    let short = engine.tokenizer.encode(&prose(CASES[0].words, 1000))?;
+    assert!(short.len() <= CHUNK, "{} tokens", short.len());
+    // The loop sends an end-of-sequence token on (the router's `Output` ends the text there);
+    // `generate` leaves it out of its ids.
+    let eos = engine.tokenizer.eos_ids();
+    let text_ids: Vec<u32> = alone[0].iter().copied().filter(|t| !eos.contains(t)).collect();
+    assert_eq!(text_ids, lazyserve_tests::in_process(&prose(CASES[0].words, 1000), MAX_TOKENS, "off"));
 
     // Together: eight join at once, two more after a few iterations; one leaves mid-way.
     let mut batcher = Batcher::new(engine.clone(), cfg);
