@@ -181,7 +181,7 @@ impl<S: Sink> Batcher<S> {
                 Work::Decode => it.decoding += 1,
                 Work::Chunk(n) => it.prompt_tokens += n,
             }
-            inputs.push(StepInput { state: &mut **state, tokens, partial });
+            inputs.push(StepInput { state, tokens, partial });
         }
         let model = &self.engine.model;
         // A panic in the step fails the sequences of this iteration, not the loop.
