@@ -164,7 +164,7 @@ fn batched_greedy_tokens_equal_each_sequence_alone() -> Result<()> {
     let cancelled = 2;
     let mut max_batch = 0;
     for _ in 0..6 {
-        max_batch = max_batch.max(batcher.iterate().sequences);
+        max_batch = max_batch.max(batcher.iterate());
     }
     for (i, case) in CASES.iter().enumerate().skip(8) {
         let (j, sink) = join(&engine, case, 1000 + i as u32)?;
@@ -172,14 +172,14 @@ fn batched_greedy_tokens_equal_each_sequence_alone() -> Result<()> {
         sinks.push(sink);
     }
     while sinks[cancelled].tokens().len() < 3 {
-        max_batch = max_batch.max(batcher.iterate().sequences);
+        max_batch = max_batch.max(batcher.iterate());
     }
     let before = batcher.len();
     sinks[cancelled].closed.set(true);
     batcher.iterate();
     assert!(batcher.len() < before, "the cancelled sequence left at the next iteration");
     while !batcher.is_empty() {
-        max_batch = max_batch.max(batcher.iterate().sequences);
+        max_batch = max_batch.max(batcher.iterate());
     }
     for (i, (sink, want)) in sinks.iter().zip(&alone).enumerate() {
         let got = sink.tokens();

@@ -59,17 +59,6 @@ pub struct BatchConfig {
     pub prefill_chunk: usize,
 }
 
-/// What one iteration ran.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Iteration {
-    /// Sequences stepped.
-    pub sequences: usize,
-    /// Of those, sequences that decoded a token.
-    pub decoding: usize,
-    /// Prompt tokens prefilled.
-    pub prompt_tokens: usize,
-}
-
 struct Seq<S> {
     state: Box<SequenceState>,
     sampler: Sampler,
@@ -160,14 +149,14 @@ impl<S: Sink> Batcher<S> {
     }
 
     /// Runs one step for every live sequence: one token for each decoding sequence, and
-    /// prompt chunks, oldest prompt first, up to the prefill budget.
-    pub fn iterate(&mut self) -> Iteration {
+    /// prompt chunks, oldest prompt first, up to the prefill budget. Returns how many
+    /// sequences it stepped.
+    pub fn iterate(&mut self) -> usize {
         self.seqs.retain(|s| !s.sink.is_closed());
         let plan = self.plan();
         if plan.is_empty() {
-            return Iteration::default();
+            return 0;
         }
-        let mut it = Iteration { sequences: plan.len(), ..Iteration::default() };
         let mut inputs = Vec::with_capacity(plan.len());
         let mut planned = plan.iter().peekable();
         for (i, seq) in self.seqs.iter_mut().enumerate() {
@@ -177,10 +166,6 @@ impl<S: Sink> Batcher<S> {
                 Work::Decode => (std::slice::from_ref(&*last), false),
                 Work::Chunk(n) => (&prompt[*cursor..*cursor + n], *cursor + n < prompt.len()),
             };
-            match work {
-                Work::Decode => it.decoding += 1,
-                Work::Chunk(n) => it.prompt_tokens += n,
-            }
             inputs.push(StepInput { state, tokens, partial });
         }
         let model = &self.engine.model;
@@ -199,9 +184,10 @@ impl<S: Sink> Batcher<S> {
                     let mut seq = self.seqs.remove(i);
                     seq.sink.send(Event::Failed(Error::Step(why.clone())));
                 }
-                return it;
+                return plan.len();
             }
         };
+        let stepped = plan.len();
         let mut leaving = Vec::new();
         for ((i, work), logits) in plan.into_iter().zip(logits) {
             if !self.advance(i, work, logits) {
@@ -211,7 +197,7 @@ impl<S: Sink> Batcher<S> {
         for i in leaving.into_iter().rev() {
             self.seqs.remove(i);
         }
-        it
+        stepped
     }
 
     /// What each sequence runs this iteration, in sequence order.

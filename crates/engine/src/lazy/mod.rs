@@ -55,7 +55,7 @@ pub struct StepInput<'a> {
 }
 
 /// Refuses a step that cannot run: no tokens, or more than the context holds.
-pub fn check_step(model: &Model, state: &SequenceState, tokens: &[u32]) -> Result<()> {
+fn check_step(model: &Model, state: &SequenceState, tokens: &[u32]) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::InvalidParameter { field: "prompt", reason: "no tokens to run".into() });
     }

@@ -64,13 +64,7 @@ impl Linear {
 
     /// `x` holds `rows` rows of `in_dim`; returns `rows` rows of `out_dim`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut y = vec![0f32; rows * self.out_dim];
-        self.forward_into(x, rows, &mut y);
-        y
-    }
-
-    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        self.forward_segments_into(x, &[rows], y);
+        self.forward_segments(x, &[rows])
     }
 
     /// `x` holds the rows of several sequences, `segments[i]` rows each, stacked. Each
@@ -78,17 +72,10 @@ impl Linear {
     /// so a row's result does not depend on what else is in the batch; consecutive Q8_0
     /// segments share one pass over the weights (its rows are independent of each other).
     pub fn forward_segments(&self, x: &[f32], segments: &[usize]) -> Vec<f32> {
-        let rows: usize = segments.iter().sum();
-        let mut y = vec![0f32; rows * self.out_dim];
-        self.forward_segments_into(x, segments, &mut y);
-        y
-    }
-
-    fn forward_segments_into(&self, x: &[f32], segments: &[usize], y: &mut [f32]) {
         let (inp, out) = (self.in_dim, self.out_dim);
         let rows: usize = segments.iter().sum();
         assert_eq!(x.len(), rows * inp, "input rows");
-        assert_eq!(y.len(), rows * out, "output rows");
+        let mut y = vec![0f32; rows * out];
         let q8_rows = |n: usize| self.q8.is_some() && n <= Q8_MAX_ROWS;
         let (mut r0, mut i) = (0, 0);
         while i < segments.len() {
@@ -111,6 +98,7 @@ impl Linear {
                 super::math::add_assign(yr, b);
             }
         }
+        y
     }
 }
 

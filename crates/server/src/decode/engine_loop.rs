@@ -131,11 +131,11 @@ fn run(mut batcher: Batcher<StreamSink>, rx: &std_mpsc::Receiver<Join<StreamSink
         }
         stats.prefilling.store(batcher.prefilling(), Ordering::SeqCst);
         let started = Instant::now();
-        let it = batcher.iterate();
+        let stepped = batcher.iterate();
         stats.prefilling.store(batcher.prefilling(), Ordering::SeqCst);
-        stats.batch.store(it.sequences, Ordering::SeqCst);
-        if let Some(m) = metrics.filter(|_| it.sequences > 0) {
-            m.observe_iteration(it.sequences, started.elapsed().as_secs_f64());
+        stats.batch.store(stepped, Ordering::SeqCst);
+        if let Some(m) = metrics.filter(|_| stepped > 0) {
+            m.observe_iteration(stepped, started.elapsed().as_secs_f64());
         }
     }
 }
