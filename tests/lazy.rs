@@ -21,7 +21,7 @@ fn compare_with_reference(model: &Model, spec: &str, prompt: &[u32], steps: usiz
     let schedule = Schedule::parse(spec, model.config().num_hidden_layers)?;
     let stages = schedule.stages.iter().map(|s| (s.layer, s.keep)).collect();
     let mut reference = Reference::new(model, stages);
-    let mut state = SequenceState::new(model, schedule, KvDtype::F32, 0);
+    let mut state = SequenceState::new(model.config(), schedule, KvDtype::F32, 0);
     let mut input = prompt.to_vec();
     for step in 0..=steps {
         let ours = lazy::step(model, &mut state, &input)?;
@@ -67,7 +67,7 @@ fn tiny_model_static_and_random_baselines_run() -> Result<()> {
     let prompt: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 101).collect();
     for spec in ["static:1:0.5", "random:1:0.6,3:0.5"] {
         let schedule = Schedule::parse(spec, model.config().num_hidden_layers)?;
-        let mut state = SequenceState::new(&model, schedule, KvDtype::F32, 7);
+        let mut state = SequenceState::new(model.config(), schedule, KvDtype::F32, 7);
         let mut next = argmax(&lazy::step(&model, &mut state, &prompt)?);
         for _ in 0..6 {
             next = argmax(&lazy::step(&model, &mut state, &[next])?);
@@ -88,7 +88,7 @@ fn schedule_off_is_the_dense_engine() -> Result<()> {
         type safety and concurrency. It enforces memory safety without a garbage collector.";
     let prompt = m.tokenizer.encode(text)?;
     let mut cache = KvCache::new(m.model.config(), KvDtype::F32);
-    let mut state = SequenceState::new(&m.model, Schedule::off(), KvDtype::F32, 0);
+    let mut state = SequenceState::new(m.model.config(), Schedule::off(), KvDtype::F32, 0);
     let mut dense = m.model.forward(&prompt, &mut cache)?;
     let mut ours = lazy::step(&m.model, &mut state, &prompt)?;
     for _ in 0..16 {

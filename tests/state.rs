@@ -19,7 +19,7 @@ fn prompt() -> Vec<u32> {
 /// Prefills under `spec`, encoding each layer as soon as it is done, like a prefill worker.
 fn prefill_and_encode(model: &Model, kv: KvDtype, encoding: StateEncoding, spec: &str) -> Result<(SequenceState, Vec<StateChunk>)> {
     let layers = model.config().num_hidden_layers;
-    let mut state = SequenceState::new(model, Schedule::parse(spec, layers)?, kv, 0);
+    let mut state = SequenceState::new(model.config(), Schedule::parse(spec, layers)?, kv, 0);
     let mut enc = StateEncoder::new(model.config(), encoding);
     let mut chunks = vec![enc.header("seq", "tiny", &prompt(), spec, SamplingParams::default(), 1000)];
     lazy::step_with(model, &mut state, &prompt(), &mut |l, layer| {
@@ -35,7 +35,7 @@ fn assemble(model: &Model, kv: KvDtype, chunks: Vec<StateChunk>) -> Result<Seque
     for c in chunks {
         asm.push(c, "tiny")?;
     }
-    asm.finish(model).map(|(_, s)| s)
+    asm.finish(model.config()).map(|(_, s)| s)
 }
 
 /// Decodes the same tokens from both states; returns the largest logit difference over the

@@ -3,7 +3,7 @@
 //! fixed-size chunks under a per-iteration token budget, so a new prompt never stalls the
 //! streams already running for longer than one chunk takes.
 //!
-//! Each sequence's numerics are those it would have alone: [`lazy::step_batch`] keeps a
+//! Each sequence's numerics are those it would have alone: [`crate::lazy::step_batch`] keeps a
 //! row's kernels independent of the batch, and a prompt's chunk boundaries depend only on
 //! its own length, never on what else is running.
 
@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::lazy::{self, Schedule, SequenceState, StepInput};
+use crate::lazy::{Schedule, SequenceState, StepInput};
 use crate::sampling::Sampler;
 use crate::{Engine, Error};
 
@@ -136,7 +136,7 @@ impl<S: Sink> Batcher<S> {
             }
             Start::Prompt { prompt_ids, schedule } => {
                 let seed = sampler.params().seed;
-                (Box::new(SequenceState::new(&engine.model, schedule, engine.kv_dtype, seed)), prompt_ids, 0, 0)
+                (Box::new(SequenceState::new(engine.config(), schedule, engine.kv_dtype, seed)), prompt_ids, 0, 0)
             }
             Start::Prefilled { state, first_token } => (state, Vec::new(), first_token, 1),
         };
@@ -168,9 +168,9 @@ impl<S: Sink> Batcher<S> {
             };
             inputs.push(StepInput { state, tokens, partial });
         }
-        let model = &self.engine.model;
+        let backend = &self.engine.backend;
         // A panic in the step fails the sequences of this iteration, not the loop.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| lazy::step_batch(model, &mut inputs, &mut |_, _, _| Ok(()))));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| backend.step_batch(&mut inputs, &mut |_, _, _| Ok(()))));
         drop(inputs);
         let logits = match result {
             Ok(Ok(logits)) => logits,
@@ -259,7 +259,7 @@ impl<S: Sink> Batcher<S> {
     /// Whether a sequence that has produced its last token is done: EOS, `max_tokens`, or
     /// the end of the context.
     fn finished(&self, seq: &Seq<S>) -> bool {
-        let ctx = self.engine.model.config().max_position_embeddings;
+        let ctx = self.engine.config().max_position_embeddings;
         self.engine.tokenizer.eos_ids().contains(&seq.last)
             || seq.produced >= seq.max_tokens
             || seq.state.tokens.len() + 1 >= ctx

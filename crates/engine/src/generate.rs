@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use lazyserve_model::{Config, KvCache, KvDtype, LoadedModel, Model, Tokenizer};
+use lazyserve_model::{Config, LoadedModel, KvDtype, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::lazy::{self, LayerState, Schedule, SequenceState};
+use crate::backend::Backend;
+use crate::lazy::{LayerState, Schedule, SequenceState};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Result};
 
@@ -242,30 +243,29 @@ pub struct Prefilled {
 /// A loaded model with the settings every request shares.
 pub struct Engine {
     pub name: String,
-    pub model: Model,
+    pub backend: Backend,
     pub tokenizer: Tokenizer,
     /// Element type of the KV cache.
     pub kv_dtype: KvDtype,
 }
 
 impl Engine {
-    pub fn new(loaded: LoadedModel, kv_dtype: KvDtype) -> Self {
+    pub fn new<M: Into<Backend>>(loaded: LoadedModel<M>, kv_dtype: KvDtype) -> Self {
         Self {
             name: loaded.name,
-            model: loaded.model,
+            backend: loaded.model.into(),
             tokenizer: loaded.tokenizer,
             kv_dtype,
         }
     }
 
-    /// An empty KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.model.config(), self.kv_dtype)
+    pub fn config(&self) -> &Config {
+        self.backend.config()
     }
 
     /// Parses a pruning preset or spec for this model.
     pub fn schedule(&self, spec: &str) -> Result<Schedule> {
-        Schedule::parse(spec, self.model.config().num_hidden_layers)
+        Schedule::parse(spec, self.config().num_hidden_layers)
     }
 
     /// Runs a prompt through the model under `schedule` and samples the first token;
@@ -278,17 +278,18 @@ impl Engine {
         on_layer: &mut dyn FnMut(usize, &LayerState) -> Result<()>,
     ) -> Result<Prefilled> {
         let start = Instant::now();
-        let mut state = SequenceState::new(&self.model, schedule, self.kv_dtype, sampler.params().seed);
-        let logits = lazy::step_with(&self.model, &mut state, prompt_ids, on_layer)?;
+        let mut state = SequenceState::new(self.config(), schedule, self.kv_dtype, sampler.params().seed);
+        let logits = self.backend.step_with(&mut state, prompt_ids, on_layer)?;
         let first_token = sampler.sample(&logits);
         Ok(Prefilled { state, first_token, prefill: start.elapsed() })
     }
 
     /// Runs `token`, the last one sampled, and samples the next.
     pub fn decode_step(&self, state: &mut SequenceState, sampler: &mut Sampler, token: u32) -> Result<u32> {
-        let logits = lazy::step(&self.model, state, &[token])?;
+        let logits = self.backend.step_with(state, &[token], &mut |_, _| Ok(()))?;
         Ok(sampler.sample(&logits))
     }
+
 
     /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
     /// may return false to cancel (the generation then ends as it stands).
@@ -297,11 +298,11 @@ impl Engine {
         req: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        req.validate(self.model.config())?;
+        req.validate(self.config())?;
         let mut sampler = Sampler::new(req.sampling.clone())?;
         let Prefilled { mut state, first_token, prefill } =
             self.prefill(&req.prompt_ids, req.schedule.clone(), &mut sampler, &mut |_, _| Ok(()))?;
-        let max_ctx = self.model.config().max_position_embeddings;
+        let max_ctx = self.config().max_position_embeddings;
         let mut out = Output::new(&self.tokenizer, &req.stop, req.max_tokens, req.prompt_ids.len(), max_ctx);
         let decode_start = Instant::now();
         let mut next = first_token;

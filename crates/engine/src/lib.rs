@@ -1,10 +1,12 @@
 //! lazyserve's engine: LazyLLM pruning with Aux Cache revival, sampling and the generation loop.
 
+mod backend;
 pub mod batch;
 mod generate;
 pub mod lazy;
 pub mod sampling;
 
+pub use backend::Backend;
 pub use generate::{
     Engine, FinishReason, GenerateRequest, Generation, Output, OutputStep, Prefilled, StopMatcher, TextStream,
     MAX_NEW_TOKENS,

@@ -6,12 +6,14 @@
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::backend::Forward;
 use crate::config::Config;
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
 use crate::kernels::linear::Linear;
 use crate::kernels::math::{add_assign, axpy, rms_norm, silu_mul};
 use crate::kernels::rope::Rope;
+use crate::tensor::DeviceKv;
 use crate::{Error, Result};
 
 /// Rows at or above this count run element-wise work on all threads.
@@ -40,18 +42,27 @@ fn load_vec(vb: &VarBuilder, n: usize, name: &str) -> Result<Vec<f32>> {
 }
 
 /// Keys and values of one layer for the tokens that have them, in arrival order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LayerKv {
     /// Original position of each row.
     pub positions: Vec<u32>,
     /// `[row][kv_heads * head_dim]`, RoPE applied.
     pub k: KvBuf,
     pub v: KvBuf,
+    /// A copy of the first rows of `k` and `v` on a [`crate::TensorModel`]'s device, so that
+    /// it does not upload them again for every step; the host rows stay the state.
+    pub(crate) device: Option<DeviceKv>,
+}
+
+impl PartialEq for LayerKv {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.positions, &self.k, &self.v) == (&other.positions, &other.k, &other.v)
+    }
 }
 
 impl LayerKv {
     pub fn new(dtype: KvDtype) -> Self {
-        Self { positions: Vec::new(), k: KvBuf::new(dtype), v: KvBuf::new(dtype) }
+        Self { positions: Vec::new(), k: KvBuf::new(dtype), v: KvBuf::new(dtype), device: None }
     }
 
     pub fn len(&self) -> usize {
@@ -448,5 +459,70 @@ impl Model {
         }
         let h = self.cfg.hidden_size;
         Ok(self.logits(&x[(tokens.len() - 1) * h..]))
+    }
+}
+
+impl Forward for Model {
+    type Rows = Vec<f32>;
+
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        Model::embed(self, tokens)
+    }
+
+    fn layer_forward_batch(&self, l: usize, x: &mut Vec<f32>, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        Model::layer_forward_batch(self, l, x, segments)
+    }
+
+    fn logits_batch(&self, x: &Vec<f32>) -> Result<Vec<Vec<f32>>> {
+        Ok(Model::logits_batch(self, x))
+    }
+
+    fn row_count(&self, x: &Vec<f32>) -> usize {
+        x.len() / self.cfg.hidden_size
+    }
+
+    fn gather(&self, x: &Vec<f32>, rows: &[u32]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let mut out = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            let row = x.get(r as usize * h..(r as usize + 1) * h).ok_or_else(|| Error::InvalidInput(format!("no hidden row {r}")))?;
+            out.extend_from_slice(row);
+        }
+        Ok(out)
+    }
+
+    fn concat(&self, mut parts: Vec<Vec<f32>>) -> Result<Vec<f32>> {
+        Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { parts.concat() })
+    }
+
+    fn split(&self, x: Vec<f32>, counts: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let h = self.cfg.hidden_size;
+        if counts.iter().sum::<usize>() * h != x.len() {
+            return Err(Error::InvalidInput(format!("cannot split {} hidden values into {counts:?} rows", x.len())));
+        }
+        if let [_] = counts {
+            return Ok(vec![x]);
+        }
+        let mut rest = x.as_slice();
+        Ok(counts
+            .iter()
+            .map(|&n| {
+                let (part, tail) = rest.split_at(n * h);
+                rest = tail;
+                part.to_vec()
+            })
+            .collect())
+    }
+
+    fn download(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+
+    fn upload(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
     }
 }

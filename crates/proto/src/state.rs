@@ -6,7 +6,7 @@
 use half::f16;
 use lazyserve_engine::lazy::{AuxCache, LayerState, Schedule, SequenceState};
 use lazyserve_model::kernels::kv::KvBuf;
-use lazyserve_model::{Config, KvDtype, LayerKv, Model};
+use lazyserve_model::{Config, KvDtype, LayerKv};
 
 use crate::v1::{state_chunk::Part, AuxRows, KvRows, SamplingParams, StateChunk, StateEncoding, StateHeader, StateTrailer};
 
@@ -391,7 +391,7 @@ impl StateAssembler {
     }
 
     /// The state, once the trailer has been verified; `Truncated` before that.
-    pub fn finish(self, model: &Model) -> Result<(Header, SequenceState)> {
+    pub fn finish(self, cfg: &Config) -> Result<(Header, SequenceState)> {
         let header = match (self.verified, self.header) {
             (true, Some(h)) => h,
             _ => return Err(StateError::Truncated(self.chunks)),
@@ -404,7 +404,7 @@ impl StateAssembler {
             .zip(self.aux)
             .map(|(kv, (positions, values))| Ok((kv, AuxCache::from_rows(hidden, positions, values)?)))
             .collect::<std::result::Result<Vec<_>, lazyserve_engine::Error>>()?;
-        let state = SequenceState::restore(model, header.tokens.clone(), schedule, header.sampling.seed, layers)?;
+        let state = SequenceState::restore(cfg, header.tokens.clone(), schedule, header.sampling.seed, layers)?;
         Ok((header, state))
     }
 }

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use lazyserve_discovery::etcd::{EtcdDiscovery, EtcdOptions, TlsFiles};
 use lazyserve_discovery::{Discovery, StaticDiscovery};
 use lazyserve_engine::Engine;
-use lazyserve_model::{KvDtype, WeightFormat};
+use lazyserve_model::{DeviceSpec, KvDtype, WeightFormat};
 use lazyserve_proto::v1::StateEncoding;
 
 /// The model `scripts/fetch-model.sh` fetches.
@@ -50,6 +50,28 @@ impl From<KvType> for KvDtype {
     }
 }
 
+/// Element type of weights and products on a tensor device (`--device cuda`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeviceDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DeviceDtype> for candle_core::DType {
+    fn from(d: DeviceDtype) -> Self {
+        match d {
+            DeviceDtype::F32 => Self::F32,
+            DeviceDtype::F16 => Self::F16,
+            DeviceDtype::Bf16 => Self::BF16,
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse().map_err(|e: lazyserve_model::Error| e.to_string())
+}
+
 /// Options every model-running command shares.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -65,6 +87,15 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "LAZYSERVE_THREADS")]
     pub threads: Option<usize>,
+    /// Where the forward pass runs: cpu (our kernels), cuda or cuda:N (candle's CUDA
+    /// backend; needs a CUDA build), candle-cpu (the CUDA code path on candle's CPU device,
+    /// for checks only: slow).
+    #[arg(long, env = "LAZYSERVE_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+    /// Weights and products on a tensor device (default: bf16 on CUDA, f32 on candle-cpu);
+    /// --weights applies to cpu only.
+    #[arg(long, env = "LAZYSERVE_DEVICE_DTYPE", value_enum)]
+    pub device_dtype: Option<DeviceDtype>,
 }
 
 impl ModelArgs {
@@ -82,8 +113,17 @@ impl ModelArgs {
 
     pub fn load(&self) -> anyhow::Result<Engine> {
         self.prepare()?;
-        let loaded = lazyserve_model::load(&self.model, self.weights.into())?;
-        Ok(Engine::new(loaded, self.kv_dtype.into()))
+        let kv = self.kv_dtype.into();
+        let engine = match self.device.candle_device()? {
+            None => Engine::new(lazyserve_model::load(&self.model, self.weights.into())?, kv),
+            Some(device) => {
+                let default = if device.is_cuda() { DeviceDtype::Bf16 } else { DeviceDtype::F32 };
+                let dtype = self.device_dtype.unwrap_or(default).into();
+                Engine::new(lazyserve_model::load_tensor(&self.model, &device, dtype)?, kv)
+            }
+        };
+        tracing::info!(device = %engine.backend.describe(), "forward pass");
+        Ok(engine)
     }
 
     /// The tokenizer and hyper-parameters only.

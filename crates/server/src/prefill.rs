@@ -182,7 +182,7 @@ impl PrefillService {
         let engine = self.engine.clone();
         let header = header.clone();
         let encode = tokio::task::spawn_blocking(move || {
-            let mut enc = StateEncoder::new(engine.model.config(), header.encoding);
+            let mut enc = StateEncoder::new(engine.config(), header.encoding);
             let mut send = |c| tx.blocking_send(c).is_ok();
             let mut ok = send(header.chunk(&mut enc));
             for (l, layer) in state.layers.iter().enumerate() {
@@ -238,7 +238,7 @@ impl PrefillService {
             let _slot = slot;
             let _span = compute_span.enter();
             let mut alive = req.prompt_ids.len();
-            let mut enc = StateEncoder::new(engine.model.config(), encoding);
+            let mut enc = StateEncoder::new(engine.config(), encoding);
             // While the decode worker takes chunks, stream them; if it fails, finish the
             // prefill anyway and push the whole state elsewhere.
             let mut streaming = chunks_tx.blocking_send(stream_header.chunk(&mut enc)).is_ok();
@@ -328,7 +328,7 @@ impl PrefillService {
 
 /// Checks token ids from another service: some, each in the vocabulary, room for one more.
 pub(crate) fn check_prompt_ids(engine: &Engine, ids: &[u32]) -> Result<()> {
-    let cfg = engine.model.config();
+    let cfg = engine.config();
     if ids.is_empty() {
         return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
     }

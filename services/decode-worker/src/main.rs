@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = cli.server.telemetry.init("lazyserve-decode-worker")?;
     tracing::info!(config = ?cli, "starting decode worker");
     let engine = Arc::new(cli.model.load()?);
-    let max_context = engine.model.config().max_position_embeddings as u32;
+    let max_context = engine.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
     let metrics = cli.server.telemetry.metrics(&meta.0, "decode", telemetry.exporting()).await?;
     let service = DecodeService::new(engine, &cli.decode, Some(metrics.clone()));

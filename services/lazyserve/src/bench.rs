@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use lazyserve_engine::Engine;
+use lazyserve_model::{KvCache, KvDtype, Model};
 use serde::Deserialize;
 
 use crate::ModelArgs;
@@ -47,7 +48,7 @@ struct LlamaRow {
 }
 
 /// Token ids of real prose, `n` of them.
-fn prompt(m: &Engine, corpus: &Path, n: usize) -> anyhow::Result<Vec<u32>> {
+pub(crate) fn prompt(m: &Engine, corpus: &Path, n: usize) -> anyhow::Result<Vec<u32>> {
     let text = std::fs::read_to_string(corpus).with_context(|| format!("reading corpus {}", corpus.display()))?;
     let ids = m.tokenizer.encode(&text)?;
     if ids.is_empty() {
@@ -60,16 +61,16 @@ fn argmax(v: &[f32]) -> u32 {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)
 }
 
-fn measure(m: &Engine, ids: &[u32], decode_tokens: usize) -> anyhow::Result<Row> {
-    let mut cache = m.new_cache();
+fn measure(m: &Model, kv: KvDtype, ids: &[u32], decode_tokens: usize) -> anyhow::Result<Row> {
+    let mut cache = KvCache::new(m.config(), kv);
     let t = Instant::now();
-    let logits = m.model.forward(ids, &mut cache)?;
+    let logits = m.forward(ids, &mut cache)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let first_token = argmax(&logits);
     let mut next = first_token;
     let t = Instant::now();
     for _ in 0..decode_tokens {
-        next = argmax(&m.model.forward(&[next], &mut cache)?);
+        next = argmax(&m.forward(&[next], &mut cache)?);
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1e3 / decode_tokens.max(1) as f64;
     Ok(Row { n: ids.len(), prefill_s, decode_ms, first_token })
@@ -100,18 +101,19 @@ fn llama_cpp(args: &BenchArgs, threads: usize, prompts: &[Vec<u32>]) -> anyhow::
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let m = args.model.load()?;
+    let (model, kv) = (m.backend.cpu().context("lazyserve bench times our CPU kernels: use --device cpu (bench-device compares devices)")?, m.kv_dtype);
     let threads = rayon::current_num_threads();
-    let max = m.model.config().max_position_embeddings;
+    let max = m.config().max_position_embeddings;
     if let Some(&n) = args.lengths.iter().find(|&&n| n == 0 || n + args.decode_tokens > max) {
         bail!("prompt length {n} plus {} decode tokens does not fit the context of {max}", args.decode_tokens);
     }
     let prompts: Vec<Vec<u32>> = args.lengths.iter().map(|&n| prompt(&m, &args.corpus, n)).collect::<Result<_, _>>()?;
     // Warm caches and the thread pool.
-    measure(&m, &prompts[0][..prompts[0].len().min(64)], 2)?;
+    measure(model, kv, &prompts[0][..prompts[0].len().min(64)], 2)?;
     let ours: Vec<Row> = prompts
         .iter()
         .map(|ids| {
-            let r = measure(&m, ids, args.decode_tokens);
+            let r = measure(model, kv, ids, args.decode_tokens);
             if let Ok(r) = &r {
                 eprintln!("lazyserve n={} prefill {:.3} s, decode {:.2} ms/token", r.n, r.prefill_s, r.decode_ms);
             }

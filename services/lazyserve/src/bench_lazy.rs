@@ -123,7 +123,7 @@ pub fn run(args: BenchLazyArgs) -> anyhow::Result<()> {
     for s in &args.schedules {
         m.schedule(s)?;
     }
-    let max = m.model.config().max_position_embeddings;
+    let max = m.config().max_position_embeddings;
     if let Some(&n) = args.lengths.iter().find(|&&n| n + args.agreement_tokens > max) {
         bail!("length {n} does not fit the model's context of {max}");
     }

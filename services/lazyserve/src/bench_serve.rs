@@ -138,7 +138,7 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     for p in &args.presets {
         m.schedule(p)?;
     }
-    let cfg = m.model.config().clone();
+    let cfg = m.config().clone();
     let docs = read_documents(&m, &DOCUMENTS.split(',').map(PathBuf::from).collect::<Vec<_>>())?;
     let filler: Vec<u32> = docs.iter().flatten().copied().collect();
 

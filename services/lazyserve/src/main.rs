@@ -1,7 +1,9 @@
 //! `lazyserve`: serve every role in one process (`serve`), run the model locally
-//! (`generate`) and measure it (`bench`, `bench-lazy`, `bench-serve`, `bench-load`).
+//! (`generate`) and measure it (`bench`, `bench-lazy`, `bench-serve`, `bench-load`,
+//! `bench-device`).
 
 mod bench;
+mod bench_device;
 mod bench_lazy;
 mod bench_load;
 mod bench_serve;
@@ -36,6 +38,9 @@ enum Command {
     /// The server under concurrent load: throughput, TTFT and inter-token latency
     /// percentiles at several concurrencies, as ratios to one client.
     BenchLoad(bench_load::BenchLoadArgs),
+    /// Prefill TTFT on a tensor device (--device cuda) against our CPU kernels, dense and
+    /// under LazyLLM presets.
+    BenchDevice(bench_device::BenchDeviceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::BenchLazy(args) => bench_lazy::run(args),
         Command::BenchServe(args) => bench_serve::run(args),
         Command::BenchLoad(args) => bench_load::run(args),
+        Command::BenchDevice(args) => bench_device::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = cli.server.telemetry.init("lazyserve-prefill-worker")?;
     tracing::info!(config = ?cli, "starting prefill worker");
     let engine = Arc::new(cli.model.load()?);
-    let max_context = engine.model.config().max_position_embeddings as u32;
+    let max_context = engine.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
     let service = PrefillService::new(engine, &cli.prefill);
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;

@@ -15,7 +15,7 @@ mod state;
 pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
 pub use state::{AuxCache, LayerState, LazyStats, SequenceState};
 
-use lazyserve_model::{Model, Segment};
+use lazyserve_model::{Config, Forward, Segment};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -23,15 +23,15 @@ use crate::{Error, Result};
 
 /// Runs `new_tokens` (appended after the state's tokens) through the model under the
 /// state's schedule; returns the logits of the last token.
-pub fn step(model: &Model, state: &mut SequenceState, new_tokens: &[u32]) -> Result<Vec<f32>> {
+pub fn step<F: Forward>(model: &F, state: &mut SequenceState, new_tokens: &[u32]) -> Result<Vec<f32>> {
     step_with(model, state, new_tokens, &mut |_, _| Ok(()))
 }
 
 /// [`step`], calling `on_layer(l, layer)` as soon as layer `l` is done for this step: its
 /// K/V and Aux Cache will not change again in this step, so a prefill worker can ship them
 /// while later layers compute. An error from `on_layer` ends the step with that error.
-pub fn step_with(
-    model: &Model,
+pub fn step_with<F: Forward>(
+    model: &F,
     state: &mut SequenceState,
     new_tokens: &[u32],
     on_layer: &mut dyn FnMut(usize, &LayerState) -> Result<()>,
@@ -55,11 +55,11 @@ pub struct StepInput<'a> {
 }
 
 /// Refuses a step that cannot run: no tokens, or more than the context holds.
-fn check_step(model: &Model, state: &SequenceState, tokens: &[u32]) -> Result<()> {
+fn check_step(cfg: &Config, state: &SequenceState, tokens: &[u32]) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::InvalidParameter { field: "prompt", reason: "no tokens to run".into() });
     }
-    let (total, max) = (state.tokens.len() + tokens.len(), model.config().max_position_embeddings);
+    let (total, max) = (state.tokens.len() + tokens.len(), cfg.max_position_embeddings);
     if total > max {
         return Err(lazyserve_model::Error::ContextOverflow { tokens: total, max }.into());
     }
@@ -67,10 +67,11 @@ fn check_step(model: &Model, state: &SequenceState, tokens: &[u32]) -> Result<()
 }
 
 /// Where one sequence stands inside a step.
-struct Run {
+struct Run<R> {
     /// Positions computed at this layer (rows of `x`), ascending; the last token is last.
     compute: Vec<u32>,
-    x: Vec<f32>,
+    /// Their hidden states (taken while a layer runs).
+    x: Option<R>,
     /// Positions alive at this layer, ascending. None means every position.
     alive: Option<Vec<u32>>,
     selecting: bool,
@@ -85,8 +86,8 @@ struct Run {
 /// of all of them together, attention and LazyLLM selection per sequence. A sequence's
 /// numerics do not depend on the others. `on_layer(i, l, layer)` sees input `i`'s layer `l`
 /// when it is done. Returns the logits of each input's last token (None for partial chunks).
-pub fn step_batch(
-    model: &Model,
+pub fn step_batch<F: Forward>(
+    model: &F,
     inputs: &mut [StepInput<'_>],
     on_layer: &mut dyn FnMut(usize, usize, &LayerState) -> Result<()>,
 ) -> Result<Vec<Option<Vec<f32>>>> {
@@ -96,7 +97,7 @@ pub fn step_batch(
     let embedded = inputs
         .iter()
         .map(|input| {
-            check_step(model, input.state, input.tokens)?;
+            check_step(cfg, input.state, input.tokens)?;
             Ok(model.embed(input.tokens)?)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -116,7 +117,7 @@ pub fn step_batch(
         let first_pruning = schedule.stages.first().map_or(num_layers - 1, |s| s.layer);
         runs.push(Run {
             compute: (start as u32..total as u32).collect(),
-            x,
+            x: Some(x),
             alive: None,
             // Static pruning selects during prefill only; decode attends to whatever has K/V.
             selecting: schedule.mode != Mode::Static || prefill,
@@ -150,12 +151,10 @@ pub fn step_batch(
         if plans.is_empty() {
             break;
         }
-        // Several sequences' rows are stacked (and split back after); a lone one's run in place.
-        let single = plans.len() == 1;
-        let mut x: Vec<f32> = match runs.iter_mut().find(|r| !r.done) {
-            Some(run) if single => std::mem::take(&mut run.x),
-            _ => runs.iter().filter(|r| !r.done).flat_map(|r| r.x.iter().copied()).collect(),
-        };
+        // Several sequences' rows are stacked, and split back after.
+        let counts: Vec<usize> = runs.iter().filter(|r| !r.done).map(|r| r.compute.len()).collect();
+        let parts = runs.iter_mut().filter(|r| !r.done).map(|r| r.x.take().ok_or(Error::Internal("hidden rows of a running sequence")));
+        let mut x = model.concat(parts.collect::<Result<Vec<_>>>()?)?;
         let mut segments: Vec<Segment<'_>> = inputs
             .iter_mut()
             .zip(&runs)
@@ -171,41 +170,54 @@ pub fn step_batch(
         let scores = model.layer_forward_batch(l, &mut x, &mut segments)?;
         drop(segments);
 
-        let mut at = 0;
+        let mut pieces = model.split(x, &counts)?.into_iter();
         let running = inputs.iter_mut().zip(runs.iter_mut()).enumerate().filter(|(_, (_, r))| !r.done);
         for (((i, (input, run)), (keep, keys)), scores) in running.zip(plans).zip(scores) {
-            if single {
-                run.x = std::mem::take(&mut x);
-            } else {
-                let n = run.compute.len() * h;
-                run.x.copy_from_slice(&x[at..at + n]);
-                at += n;
-            }
+            let x = pieces.next().ok_or(Error::Internal("one piece per running sequence"))?;
             let state = &mut *input.state;
             state.stats.computed[l] += run.compute.len();
             if run.stop_after == Some(l) {
                 // A partial chunk waits where the prompt's end will score it.
                 if l + 1 < num_layers {
-                    for (p, row) in run.compute.iter().zip(run.x.chunks_exact(h)) {
+                    let hidden = model.download(x)?;
+                    for (p, row) in run.compute.iter().zip(hidden.chunks_exact(h)) {
                         state.layers[l].aux.insert(*p, row);
                     }
                 }
                 run.done = true;
             } else if let Some(keep) = keep {
                 let scores = scores.ok_or(Error::Internal("scores were asked for"))?;
-                prune(state, l, run, keep, keys.as_deref(), scores, h)?;
+                prune(model, state, l, run, x, keep, keys.as_deref(), scores)?;
+            } else {
+                run.x = Some(x);
             }
             on_layer(i, l, &state.layers[l])?;
         }
     }
-    let last_rows: Vec<f32> = runs.iter().filter(|r| r.stop_after.is_none()).flat_map(|r| r.x[r.x.len() - h..].iter().copied()).collect();
-    let mut logits = model.logits_batch(&last_rows).into_iter();
+    let mut last_rows = Vec::with_capacity(runs.len());
+    for run in runs.iter().filter(|r| r.stop_after.is_none()) {
+        let x = run.x.as_ref().ok_or(Error::Internal("hidden rows of a finished sequence"))?;
+        last_rows.push(model.gather(x, &[model.row_count(x) as u32 - 1])?);
+    }
+    let mut logits = if last_rows.is_empty() { Vec::new() } else { model.logits_batch(&model.concat(last_rows)?)? }.into_iter();
     Ok(runs.iter().map(|r| if r.stop_after.is_none() { logits.next() } else { None }).collect())
 }
 
 /// After pruning layer `l`: keeps the selected tokens alive, sends the dropped ones computed
-/// here to the Aux Cache, and revives selected tokens that have no K/V at the next layer.
-fn prune(state: &mut SequenceState, l: usize, run: &mut Run, keep: f32, keys: Option<&[u32]>, mut scores: Vec<f32>, h: usize) -> Result<()> {
+/// here (rows of `x`) to the Aux Cache, and revives selected tokens that have no K/V at the
+/// next layer.
+#[allow(clippy::too_many_arguments)]
+fn prune<F: Forward>(
+    model: &F,
+    state: &mut SequenceState,
+    l: usize,
+    run: &mut Run<F::Rows>,
+    x: F::Rows,
+    keep: f32,
+    keys: Option<&[u32]>,
+    mut scores: Vec<f32>,
+) -> Result<()> {
+    let h = model.config().hidden_size;
     let schedule = &state.schedule;
     let layer = &state.layers[l];
     let key_positions: Vec<u32> = match keys {
@@ -220,17 +232,23 @@ fn prune(state: &mut SequenceState, l: usize, run: &mut Run, keep: f32, keys: Op
     let selected = select(&key_positions, &scores, keep, schedule, run.first_forced);
 
     // Tokens computed here that are dropped go to this layer's Aux Cache; the rest go on.
-    let mut next_compute = Vec::with_capacity(run.compute.len());
-    let mut next_x = Vec::with_capacity(run.x.len());
     let stash = schedule.mode != Mode::Static;
-    for (&p, row) in run.compute.iter().zip(run.x.chunks_exact(h)) {
+    let (mut next_compute, mut kept, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, &p) in run.compute.iter().enumerate() {
         if selected.binary_search(&p).is_ok() {
             next_compute.push(p);
-            next_x.extend_from_slice(row);
+            kept.push(row as u32);
         } else if stash {
-            state.layers[l].aux.insert(p, row);
+            dropped.push(row as u32);
         }
     }
+    if !dropped.is_empty() {
+        let hidden = model.download(model.gather(&x, &dropped)?)?;
+        for (&row, values) in dropped.iter().zip(hidden.chunks_exact(h)) {
+            state.layers[l].aux.insert(run.compute[row as usize], values);
+        }
+    }
+    let mut next_x = if kept.len() == run.compute.len() { x } else { model.gather(&x, &kept)? };
     // Selected tokens without K/V at the next layer that were not computed here: revive.
     let next_layer = &state.layers[l + 1];
     let revive: Vec<u32> = selected
@@ -240,15 +258,17 @@ fn prune(state: &mut SequenceState, l: usize, run: &mut Run, keep: f32, keys: Op
         .collect();
     if !revive.is_empty() {
         let aux = &mut state.layers[l].aux;
-        let mut merged: Vec<(u32, Vec<f32>)> =
-            next_compute.iter().zip(next_x.chunks_exact(h)).map(|(&p, row)| (p, row.to_vec())).collect();
+        let mut hidden = Vec::with_capacity(revive.len() * h);
         for &p in &revive {
-            let hidden = aux.take(p).ok_or(Error::Internal("revived token missing from the Aux Cache"))?;
-            merged.push((p, hidden));
+            hidden.extend(aux.take(p).ok_or(Error::Internal("revived token missing from the Aux Cache"))?);
         }
-        merged.sort_unstable_by_key(|(p, _)| *p);
-        next_compute = merged.iter().map(|(p, _)| *p).collect();
-        next_x = merged.into_iter().flat_map(|(_, r)| r).collect();
+        let stacked = model.concat(vec![next_x, model.upload(hidden)?])?;
+        // Back in position order.
+        let mut order: Vec<(u32, u32)> = next_compute.iter().chain(&revive).zip(0..).map(|(&p, row)| (p, row)).collect();
+        order.sort_unstable();
+        next_compute = order.iter().map(|&(p, _)| p).collect();
+        let rows: Vec<u32> = order.iter().map(|&(_, row)| row).collect();
+        next_x = model.gather(&stacked, &rows)?;
         state.stats.revived += revive.len();
     }
     if !stash {
@@ -256,7 +276,7 @@ fn prune(state: &mut SequenceState, l: usize, run: &mut Run, keep: f32, keys: Op
         state.layers[l].aux.clear();
     }
     run.compute = next_compute;
-    run.x = next_x;
+    run.x = Some(next_x);
     run.alive = Some(selected);
     Ok(())
 }

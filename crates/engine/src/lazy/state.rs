@@ -1,7 +1,7 @@
 //! Per-sequence LazyLLM state: tokens, per-layer K/V with positions, Aux Cache, statistics.
 //! A plain struct outside the weights, so that it can be shipped between workers.
 
-use lazyserve_model::{KvDtype, LayerKv, Model};
+use lazyserve_model::{Config, KvDtype, LayerKv};
 use serde::Serialize;
 
 use super::{Mode, Schedule, NONE};
@@ -105,8 +105,7 @@ pub struct SequenceState {
 }
 
 impl SequenceState {
-    pub fn new(model: &Model, schedule: Schedule, kv_dtype: KvDtype, seed: u64) -> Self {
-        let cfg = model.config();
+    pub fn new(cfg: &Config, schedule: Schedule, kv_dtype: KvDtype, seed: u64) -> Self {
         let layer = LayerState { kv: LayerKv::new(kv_dtype), aux: AuxCache::new(cfg.hidden_size), row_of: Vec::new() };
         Self {
             tokens: Vec::new(),
@@ -122,13 +121,12 @@ impl SequenceState {
     /// layer, its K/V and Aux Cache. Refuses a state that decoding could not continue: rows
     /// out of range or repeated, or a token that neither flows up nor waits in an Aux Cache.
     pub fn restore(
-        model: &Model,
+        cfg: &Config,
         tokens: Vec<u32>,
         schedule: Schedule,
         seed: u64,
         layers: Vec<(LayerKv, AuxCache)>,
     ) -> Result<Self> {
-        let cfg = model.config();
         let n = tokens.len();
         if n == 0 || n >= cfg.max_position_embeddings {
             return Err(Error::InvalidState(format!("{n} tokens, expected 1..{}", cfg.max_position_embeddings)));
@@ -137,7 +135,7 @@ impl SequenceState {
             return Err(Error::InvalidState(format!("{} layers, the model has {}", layers.len(), cfg.num_hidden_layers)));
         }
         let kv_width = cfg.num_key_value_heads * cfg.head_dim;
-        let mut state = Self::new(model, schedule, layers[0].0.k.dtype(), seed);
+        let mut state = Self::new(cfg, schedule, layers[0].0.k.dtype(), seed);
         state.push_tokens(&tokens);
         state.prompt_len = n;
         for (l, (kv, aux)) in layers.into_iter().enumerate() {

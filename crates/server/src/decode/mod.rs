@@ -106,7 +106,7 @@ impl DecodeService {
             Receiving { inner: inner.clone(), id: store.next_stream }
         };
         let engine = &inner.engine;
-        let mut asm = StateAssembler::new(engine.model.config(), engine.kv_dtype);
+        let mut asm = StateAssembler::new(engine.config(), engine.kv_dtype);
         loop {
             let chunk = match stream.message().await {
                 Ok(Some(chunk)) => chunk,
@@ -125,7 +125,7 @@ impl DecodeService {
         }
         let bytes = asm.bytes();
         let engine2 = engine.clone();
-        let (header, state) = tokio::task::spawn_blocking(move || asm.finish(&engine2.model))
+        let (header, state) = tokio::task::spawn_blocking(move || asm.finish(engine2.config()))
             .await
             .map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state assembly panicked")))??;
         let mut store = inner.store();
@@ -214,7 +214,7 @@ impl Decode for DecodeService {
         lazyserve_telemetry::extract(&span, request.metadata());
         span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
-        let vocab = self.inner.engine.model.config().vocab_size;
+        let vocab = self.inner.engine.config().vocab_size;
         if req.max_tokens == 0 || req.max_tokens as usize > MAX_NEW_TOKENS {
             let reason = format!("must be in 1..={MAX_NEW_TOKENS}, got {}", req.max_tokens);
             return Err(Error::InvalidArgument { field: "max_tokens", reason }.into());
