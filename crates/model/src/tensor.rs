@@ -226,28 +226,32 @@ impl TensorModel {
         // Query heads of one key/value group are consecutive: stack them as one matrix.
         let q = q.reshape((kv_heads, rep * n, d))?;
         let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?;
-        let hidden = kpos.broadcast_gt(&qpos.unsqueeze(1)?)?.to_dtype(DType::F32)?.affine(MASKED, 0.0)?;
-        let scores = scores.reshape((kv_heads, rep, n, m))?.broadcast_add(&hidden)?.reshape((kv_heads, rep * n, m))?;
+        let mask = kpos.broadcast_gt(&qpos.unsqueeze(1)?)?.to_dtype(DType::F32)?.affine(MASKED, 0.0)?;
+        let scores = scores.reshape((kv_heads, rep, n, m))?.broadcast_add(&mask)?.reshape((kv_heads, rep * n, m))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.to_dtype(self.dtype)?.matmul(v)?.to_dtype(DType::F32)?;
         let out = out.reshape((heads, n, d))?.transpose(0, 1)?.reshape((n, heads * d))?;
         Ok((probs, out))
     }
 
-    /// One segment's attention: appends its K/V rows (`k_new`/`v_new`, `[n][kv_dim]` in the
-    /// KV dtype, host copies `k_host`/`v_host`) to the host state and the device copy, then
-    /// attends `q` (`[heads][n][d]`). Returns the output rows and the scores if asked.
+    /// One segment's attention: appends its new K/V rows (`new`, `[n][kv_dim]` in the KV
+    /// dtype on the device, and `host`, their host copies) to the host state and the device
+    /// copy, then attends `q` (`[heads][n][d]`). Returns the output rows and the scores if
+    /// asked.
     fn seg_attention(&self, seg: &mut Segment<'_>, q: &Tensor, new: (Tensor, Tensor), host: (KvBuf, KvBuf)) -> Result<(Tensor, Option<Vec<f32>>)> {
         let cfg = &self.cfg;
         let (kv_heads, d) = (cfg.num_key_value_heads, cfg.head_dim);
         let heads = cfg.num_attention_heads;
         let kv = &mut *seg.kv;
+        if (kv.k.dtype(), kv.v.dtype()) != (host.0.dtype(), host.1.dtype()) {
+            return Err(Error::InvalidInput("K/V element types differ between sequences of one step".into()));
+        }
         let old = self.device_kv(kv)?;
         kv.positions.extend_from_slice(seg.positions);
         match (&mut kv.k, host.0, &mut kv.v, host.1) {
             (KvBuf::F32(k), KvBuf::F32(nk), KvBuf::F32(v), KvBuf::F32(nv)) => (k.extend(nk), v.extend(nv)),
             (KvBuf::F16(k), KvBuf::F16(nk), KvBuf::F16(v), KvBuf::F16(nv)) => (k.extend(nk), v.extend(nv)),
-            _ => return Err(Error::InvalidInput("K/V element types differ within a layer".into())),
+            _ => unreachable!("element types checked above"),
         };
         let all = match old {
             None => DeviceKv { k: new.0, v: new.1 },
