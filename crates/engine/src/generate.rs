@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lazyserve_model::{Config, LoadedModel, KvDtype, Tokenizer};
+use lazyserve_model::{Config, KvDtype, LoadedModel, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -289,7 +289,6 @@ impl Engine {
         let logits = self.backend.step_with(state, &[token], &mut |_, _| Ok(()))?;
         Ok(sampler.sample(&logits))
     }
-
 
     /// Runs one request; `on_text` gets each text delta as soon as it is safe to show and
     /// may return false to cancel (the generation then ends as it stands).
