@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use crate::backend::Forward;
 use crate::kernels::kv::{KvBuf, KvDtype};
+use crate::kernels::rope::Rope;
 use crate::{Config, Error, LayerKv, Result, Segment};
 
 /// Attention scores of at most this many elements are formed at once (queries are taken in
@@ -126,16 +127,9 @@ impl TensorModel {
             Some(vb.pp("lm_head").get((cfg.vocab_size, h), "weight")?.to_dtype(dtype)?.to_device(device)?)
         };
         let inv_freq = cfg.rope_inv_freq();
-        let half = inv_freq.len();
-        let max = cfg.max_position_embeddings;
-        let (mut cos, mut sin) = (Vec::with_capacity(max * half), Vec::with_capacity(max * half));
-        for p in 0..max {
-            for &f in &inv_freq {
-                let a = p as f64 * f as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (max, half) = (cfg.max_position_embeddings, inv_freq.len());
+        let rope = Rope::new(&inv_freq, max, cfg.rope_interleaved);
+        let (cos, sin) = rope.tables();
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -144,8 +138,8 @@ impl TensorModel {
             lm_head,
             layers,
             norm,
-            cos: Tensor::from_vec(cos, (max, half), device)?,
-            sin: Tensor::from_vec(sin, (max, half), device)?,
+            cos: Tensor::from_slice(cos, (max, half), device)?,
+            sin: Tensor::from_slice(sin, (max, half), device)?,
         })
     }
 

@@ -27,6 +27,11 @@ impl Rope {
         Self { half, interleaved, cos, sin }
     }
 
+    /// The cos and sin tables, `[position][head_dim / 2]` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }
