@@ -24,7 +24,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-if ! .venv-grpc/bin/python -c "import grpc_tools, grpc_health, grpc_reflection" >/dev/null 2>&1; then
+if ! .venv-grpc/bin/python -c "import grpc_tools, grpc_health, grpc_reflection, openai" >/dev/null 2>&1; then
   python3 -m venv .venv-grpc
   .venv-grpc/bin/python -m pip install -q -r tests/python/requirements.txt
 fi

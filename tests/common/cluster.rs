@@ -61,6 +61,8 @@ impl Proc {
             .args(args)
             .env("LAZYSERVE_MODEL", model_path())
             .env("RUST_LOG", "info")
+            // Any free port: `lazyserve serve` would otherwise take 8000, once per test.
+            .env("LAZYSERVE_HTTP_LISTEN", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(file)
@@ -75,6 +77,14 @@ impl Proc {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The base URL of the OpenAI HTTP API, from the line the process prints when it binds.
+    pub fn http_url(&self) -> String {
+        let log = self.log_text();
+        let at = log.find("OpenAI HTTP API on ").unwrap_or_else(|| panic!("{} printed no HTTP address:\n{log}", self.addr));
+        let url = log[at..].lines().next().unwrap_or_default().trim_start_matches("OpenAI HTTP API on ");
+        url.to_string()
     }
 
     /// Waits until the health check says SERVING; panics with the log if the process died.

@@ -72,20 +72,22 @@ pub fn tiny_model() -> lazyserve_model::Model {
     lazyserve_model::Model::new(&cfg, vb, lazyserve_model::WeightFormat::F32).expect("tiny model")
 }
 
-/// The Python with grpcio that the client tests use: `.venv-grpc`, made from
+/// The Python with grpcio and openai that the client tests use: `.venv-grpc`, made from
 /// tests/python/requirements.txt when it is missing (scripts/test.sh makes it first).
 pub fn python_grpc() -> PathBuf {
     let root = repo_root();
     let python = root.join(".venv-grpc/bin/python");
     let ready = || {
         std::process::Command::new(&python)
-            .args(["-c", "import grpc_tools, grpc_health, grpc_reflection"])
+            .args(["-c", "import grpc_tools, grpc_health, grpc_reflection, openai"])
             .status()
             .is_ok_and(|s| s.success())
     };
     if !ready() {
         let run = |cmd: &mut std::process::Command| assert!(cmd.status().expect("runs").success(), "{cmd:?} failed");
-        run(std::process::Command::new("python3").args(["-m", "venv"]).arg(root.join(".venv-grpc")));
+        if !python.exists() {
+            run(std::process::Command::new("python3").args(["-m", "venv"]).arg(root.join(".venv-grpc")));
+        }
         run(std::process::Command::new(&python).args(["-m", "pip", "install", "-q", "-r"]).arg(root.join("tests/python/requirements.txt")));
     }
     python

@@ -22,6 +22,9 @@ pub enum Error {
     ClientGone,
     #[error("{0}")]
     NotFound(String),
+    /// The request names a model this router does not serve.
+    #[error("{0}")]
+    UnknownModel(String),
     #[error("{0}")]
     AlreadyExists(String),
     #[error(transparent)]
@@ -56,7 +59,7 @@ impl From<lazyserve_engine::Error> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::InvalidArgument { .. } | Error::UnknownModel(_) => Code::InvalidArgument,
             Error::Overloaded(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,

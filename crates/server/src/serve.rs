@@ -21,6 +21,8 @@ use crate::{DecodeService, PrefillService, Router};
 #[derive(Default)]
 pub struct Roles {
     pub router: Option<Router>,
+    /// Where the router's OpenAI-compatible HTTP API listens (with a router only).
+    pub http: Option<TcpListener>,
     pub prefill: Option<PrefillService>,
     pub decode: Option<DecodeService>,
     pub registration: Option<Registration>,
@@ -89,9 +91,12 @@ pub async fn serve(
     tracing::info!(%addr, services = ?names, "serving");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
+    let (draining_tx, mut draining) = tokio::sync::watch::channel(false);
     let registration = roles.registration;
+    let http = roles.router.clone().zip(roles.http);
     let drain = async move {
         shutdown.await;
+        let _ = draining_tx.send(true);
         tracing::info!("shutting down: NOT_SERVING, finishing requests in flight");
         for name in names {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
@@ -115,6 +120,14 @@ pub async fn serve(
         .add_optional_service(roles.prefill.map(PrefillService::into_server))
         .add_optional_service(roles.decode.map(DecodeService::into_server))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    let http = async move {
+        let Some((router, listener)) = http else { return Ok(()) };
+        tracing::info!(addr = %listener.local_addr()?, "serving the OpenAI HTTP API");
+        crate::router::http::serve(listener, router, async move {
+            let _ = draining.wait_for(|d| *d).await;
+        })
+        .await
+    };
     let grace_over = async move {
         if stopping_rx.await.is_ok() {
             tokio::time::sleep(grace).await;
@@ -123,7 +136,10 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        r = server => r?,
+        (g, h) = async { tokio::join!(server, http) } => {
+            g?;
+            h?;
+        }
         _ = grace_over => tracing::warn!(?grace, "grace period over; exiting with requests in flight"),
     }
     tracing::info!("stopped");

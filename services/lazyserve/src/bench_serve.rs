@@ -54,7 +54,7 @@ impl Drop for Service {
     }
 }
 
-fn free_addr() -> anyhow::Result<String> {
+pub(crate) fn free_addr() -> anyhow::Result<String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
 }
 
@@ -77,7 +77,7 @@ fn start(bin: &str, args: &[String]) -> anyhow::Result<Service> {
 
 /// Connects to a router and waits until a request goes through it (the workers load the
 /// model meanwhile); that request also warms the path up.
-async fn connect(addr: &str) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<GenerationClient<tonic::transport::Channel>> {
     let start = Instant::now();
     loop {
         if let Ok(mut c) = GenerationClient::connect(format!("http://{addr}")).await {
@@ -93,7 +93,7 @@ async fn connect(addr: &str) -> anyhow::Result<GenerationClient<tonic::transport
 }
 
 /// One call through the services: (client-side TTFT, token ids, state bytes).
-async fn remote(
+pub(crate) async fn remote(
     client: &mut GenerationClient<tonic::transport::Channel>,
     text: &str,
     preset: &str,

@@ -1,9 +1,10 @@
 //! `lazyserve`: serve every role in one process (`serve`), run the model locally
 //! (`generate`) and measure it (`bench`, `bench-lazy`, `bench-serve`, `bench-load`,
-//! `bench-device`).
+//! `bench-device`, `bench-http`).
 
 mod bench;
 mod bench_device;
+mod bench_http;
 mod bench_lazy;
 mod bench_load;
 mod bench_serve;
@@ -41,6 +42,8 @@ enum Command {
     /// Prefill TTFT on a tensor device (--device cuda) against our CPU kernels, dense and
     /// under LazyLLM presets.
     BenchDevice(bench_device::BenchDeviceArgs),
+    /// TTFT through the OpenAI HTTP front beside gRPC Generate, on one `lazyserve serve`.
+    BenchHttp(bench_http::BenchHttpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::BenchServe(args) => bench_serve::run(args),
         Command::BenchLoad(args) => bench_load::run(args),
         Command::BenchDevice(args) => bench_device::run(args),
+        Command::BenchHttp(args) => bench_http::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

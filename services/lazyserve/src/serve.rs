@@ -17,6 +17,9 @@ pub struct ServeArgs {
     /// Address of the gRPC server.
     #[arg(long, env = "LAZYSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+    #[arg(long, env = "LAZYSERVE_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    http_listen: SocketAddr,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -51,8 +54,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics.add_gauges(move || r.gauges());
         metrics.add_gauges(move || Gauges { inflight_requests: 0, ..p.gauges() });
         metrics.add_gauges(move || Gauges { inflight_requests: 0, ..d.gauges() });
-        let roles = Roles { router: Some(router), prefill: Some(prefill), decode: Some(decode), registration: None };
+        let http = tokio::net::TcpListener::bind(args.http_listen).await?;
         eprintln!("lazyserve listening on {}", listener.local_addr()?);
+        eprintln!("lazyserve OpenAI HTTP API on http://{}", http.local_addr()?);
+        let roles = Roles { router: Some(router), http: Some(http), prefill: Some(prefill), decode: Some(decode), registration: None };
         let result = serve::serve(listener, roles, args.server.grace_period(), serve::shutdown_signal()).await;
         tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
         result

@@ -13,6 +13,10 @@ struct Cli {
     /// Address of the public gRPC server.
     #[arg(long, env = "LAZYSERVE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions);
+    /// unset: none.
+    #[arg(long, env = "LAZYSERVE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     #[command(flatten)]
     model: MetaArgs,
     #[command(flatten)]
@@ -32,7 +36,14 @@ async fn main() -> anyhow::Result<()> {
     let gauges = router.clone();
     metrics.add_gauges(move || gauges.gauges());
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    let roles = Roles { router: Some(router), ..Roles::default() };
+    let http = match cli.http_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    if let Some(h) = &http {
+        eprintln!("lazyserve-router OpenAI HTTP API on http://{}", h.local_addr()?);
+    }
+    let roles = Roles { router: Some(router), http, ..Roles::default() };
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result
