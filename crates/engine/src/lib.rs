@@ -33,3 +33,14 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<lazyserve_request::Error> for Error {
+    fn from(e: lazyserve_request::Error) -> Self {
+        use lazyserve_request::Error as E;
+        match e {
+            E::Invalid { field, reason } => Self::InvalidParameter { field, reason },
+            E::PromptTooLong { tokens, max } => Self::PromptTooLong { tokens, max },
+            e => Self::Model(e.into()),
+        }
+    }
+}
