@@ -7,10 +7,8 @@ pub mod lazy;
 pub mod sampling;
 
 pub use backend::Backend;
-pub use generate::{
-    Engine, FinishReason, GenerateRequest, Generation, Output, OutputStep, Prefilled, StopMatcher, TextStream,
-    MAX_NEW_TOKENS,
-};
+pub use generate::{Engine, GenerateRequest, Generation, Prefilled, MAX_NEW_TOKENS};
+pub use lazyserve_request::{FinishReason, Output, OutputStep, StopMatcher, TextStream};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of a generation request.

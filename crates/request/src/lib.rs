@@ -1,10 +1,14 @@
 //! What a request is and what a model allows, with no compute: a checkpoint's config and
 //! tokenizer (with its chat template), read from GGUF metadata or a Hugging Face folder
-//! without touching the weights. A router depends on this crate alone.
+//! without touching the weights; sampling settings, pruning schedules, detokenization and
+//! stop strings. A router depends on this crate alone.
 
 pub mod config;
 mod error;
 pub mod gguf;
+pub mod output;
+pub mod sampling;
+pub mod schedule;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -12,6 +16,9 @@ use std::path::Path;
 pub use config::{Architecture, Config, Llama3RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::Gguf;
+pub use output::{FinishReason, Output, OutputStep, StopMatcher, TextStream};
+pub use sampling::SamplingParams;
+pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// A checkpoint's id, hyper-parameters and tokenizer, without its weights: what a router
