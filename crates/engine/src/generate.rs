@@ -4,16 +4,14 @@
 use std::time::{Duration, Instant};
 
 use lazyserve_model::{Config, KvDtype, LoadedModel, Tokenizer};
+use lazyserve_request::limits;
 use lazyserve_request::output::{FinishReason, Output};
 use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::lazy::{LayerState, Schedule, SequenceState};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::{Error, Result};
-
-/// Upper bound on `max_tokens` for one request.
-pub const MAX_NEW_TOKENS: usize = 8192;
+use crate::Result;
 
 /// What to generate from a tokenized prompt.
 #[derive(Debug, Clone)]
@@ -28,32 +26,9 @@ pub struct GenerateRequest {
 
 impl GenerateRequest {
     pub fn validate(&self, cfg: &Config) -> Result<()> {
-        if self.prompt_ids.is_empty() {
-            return Err(Error::InvalidParameter {
-                field: "prompt",
-                reason: "is empty".into(),
-            });
-        }
-        if self.max_tokens == 0 || self.max_tokens > MAX_NEW_TOKENS {
-            return Err(Error::InvalidParameter {
-                field: "max_tokens",
-                reason: format!("must be in 1..={MAX_NEW_TOKENS}, got {}", self.max_tokens),
-            });
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidParameter {
-                field: "stop",
-                reason: "stop strings must not be empty".into(),
-            });
-        }
-        let max = cfg.max_position_embeddings;
-        // The prompt plus at least the first generated token must fit.
-        if self.prompt_ids.len() + 1 > max {
-            return Err(Error::PromptTooLong {
-                tokens: self.prompt_ids.len(),
-                max: max - 1,
-            });
-        }
+        limits::prompt_len(self.prompt_ids.len(), cfg)?;
+        limits::max_tokens(self.max_tokens)?;
+        limits::stop_strings(&self.stop)?;
         Ok(self.sampling.validate()?)
     }
 }

@@ -7,8 +7,8 @@ pub mod lazy;
 pub mod sampling;
 
 pub use backend::Backend;
-pub use generate::{Engine, GenerateRequest, Generation, Prefilled, MAX_NEW_TOKENS};
-pub use lazyserve_request::{FinishReason, Output, OutputStep, StopMatcher, TextStream};
+pub use generate::{Engine, GenerateRequest, Generation, Prefilled};
+pub use lazyserve_request::{FinishReason, Output, OutputStep, StopMatcher, TextStream, MAX_NEW_TOKENS};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of a generation request.

@@ -34,6 +34,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid { field, reason: reason.into() }
+    }
+
     /// A GGUF error as an invalid checkpoint at `path`; other errors unchanged.
     pub(crate) fn in_file(self, path: impl Into<PathBuf>) -> Self {
         match self {

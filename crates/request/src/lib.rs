@@ -1,11 +1,13 @@
 //! What a request is and what a model allows, with no compute: a checkpoint's config and
 //! tokenizer (with its chat template), read from GGUF metadata or a Hugging Face folder
-//! without touching the weights; sampling settings, pruning schedules, detokenization and
-//! stop strings. A router depends on this crate alone.
+//! without touching the weights; the request checks every service shares, sampling
+//! settings, pruning schedules, detokenization and stop strings. A router depends on this
+//! crate alone.
 
 pub mod config;
 mod error;
 pub mod gguf;
+pub mod limits;
 pub mod output;
 pub mod sampling;
 pub mod schedule;
@@ -16,6 +18,7 @@ use std::path::Path;
 pub use config::{Architecture, Config, Llama3RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::Gguf;
+pub use limits::MAX_NEW_TOKENS;
 pub use output::{FinishReason, Output, OutputStep, StopMatcher, TextStream};
 pub use sampling::SamplingParams;
 pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
