@@ -253,7 +253,6 @@ mod tests {
     use super::*;
 
     /// Builds GGUF bytes the way a writer would.
-    #[derive(Default)]
     struct Writer(Vec<u8>);
 
     impl Writer {

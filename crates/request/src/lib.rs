@@ -50,3 +50,26 @@ pub fn load_meta(path: &Path) -> Result<ModelMeta> {
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(ModelMeta { name, config, tokenizer })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_meta_names_what_is_wrong() -> anyhow::Result<()> {
+        let err = |path: &Path| load_meta(path).err().expect("refused").to_string();
+        assert_eq!(err(Path::new("/nonexistent/model.gguf")), "model file not found: /nonexistent/model.gguf");
+        let dir = std::env::temp_dir().join(format!("lazyserve-request-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let corrupt = dir.join("corrupt.gguf");
+        std::fs::write(&corrupt, b"this is not a gguf file at all")?;
+        let short = dir.join("short.gguf");
+        std::fs::write(&short, b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0")?;
+        let (corrupt_err, short_err, folder_err) = (err(&corrupt), err(&short), err(&dir));
+        std::fs::remove_dir_all(&dir)?;
+        assert!(corrupt_err.starts_with("invalid checkpoint") && corrupt_err.contains("not a GGUF file"), "{corrupt_err}");
+        assert!(short_err.starts_with("invalid checkpoint") && short_err.contains("truncated"), "{short_err}");
+        assert!(folder_err.starts_with("cannot read") && folder_err.contains("config.json"), "{folder_err}");
+        Ok(())
+    }
+}
