@@ -63,6 +63,38 @@ fn fast_settings_answer_the_same() -> Result<()> {
     Ok(())
 }
 
+/// Our light GGUF reader (what a router loads) reads the file's metadata as candle does.
+#[test]
+fn light_gguf_reader_agrees_with_candle() -> Result<()> {
+    use lazyserve_request::gguf::{Gguf, Value};
+    fn ours(v: &gguf_file::Value) -> Value {
+        use gguf_file::Value as C;
+        match v {
+            C::U8(x) => Value::U8(*x),
+            C::I8(x) => Value::I8(*x),
+            C::U16(x) => Value::U16(*x),
+            C::I16(x) => Value::I16(*x),
+            C::U32(x) => Value::U32(*x),
+            C::I32(x) => Value::I32(*x),
+            C::U64(x) => Value::U64(*x),
+            C::I64(x) => Value::I64(*x),
+            C::F32(x) => Value::F32(*x),
+            C::F64(x) => Value::F64(*x),
+            C::Bool(x) => Value::Bool(*x),
+            C::String(x) => Value::String(x.clone()),
+            C::Array(xs) => Value::Array(xs.iter().map(ours).collect()),
+        }
+    }
+    let content = gguf_file::Content::read(&mut std::fs::File::open(model_path())?)?;
+    let gguf = Gguf::open(&model_path())?;
+    assert_eq!(gguf.metadata.len(), content.metadata.len());
+    for (k, v) in &content.metadata {
+        assert_eq!(gguf.get(k), Some(&ours(v)), "{k}");
+    }
+    assert_eq!(gguf.tensor_names, content.tensor_infos.keys().cloned().collect());
+    Ok(())
+}
+
 /// Writes the GGUF with every tensor dequantized to f32, so that candle's reference model
 /// computes in f32 as ours does.
 fn f32_gguf(dir: &std::path::Path) -> Result<std::path::PathBuf> {

@@ -7,10 +7,8 @@ pub mod lazy;
 pub mod sampling;
 
 pub use backend::Backend;
-pub use generate::{
-    Engine, FinishReason, GenerateRequest, Generation, Output, OutputStep, Prefilled, StopMatcher, TextStream,
-    MAX_NEW_TOKENS,
-};
+pub use generate::{Engine, GenerateRequest, Generation, Prefilled};
+pub use lazyserve_request::{FinishReason, Output, OutputStep, StopMatcher, TextStream, MAX_NEW_TOKENS};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of a generation request.
@@ -33,3 +31,14 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<lazyserve_request::Error> for Error {
+    fn from(e: lazyserve_request::Error) -> Self {
+        use lazyserve_request::Error as E;
+        match e {
+            E::Invalid { field, reason } => Self::InvalidParameter { field, reason },
+            E::PromptTooLong { tokens, max } => Self::PromptTooLong { tokens, max },
+            e => Self::Model(e.into()),
+        }
+    }
+}

@@ -2,42 +2,10 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+pub use lazyserve_request::SamplingParams;
 
-/// How to pick the next token. `temperature == 0` is greedy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SamplingParams {
-    pub temperature: f32,
-    /// Keep the `top_k` most likely tokens (0 = all).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
-    }
-}
-
-impl SamplingParams {
-    pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::InvalidParameter {
-                field: "temperature",
-                reason: format!("must be a finite number >= 0, got {}", self.temperature),
-            });
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidParameter { field: "top_p", reason: format!("must be in (0, 1], got {}", self.top_p) });
-        }
-        Ok(())
-    }
-}
+use crate::Result;
 
 /// Picks tokens from logits; deterministic for a given seed.
 pub struct Sampler {

@@ -1,6 +1,7 @@
 //! Opening checkpoints: a GGUF file, or a Hugging Face folder (`config.json`,
 //! `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`). Both are exposed as a candle
-//! `VarBuilder` under the Hugging Face tensor names, so the layers load the same way.
+//! `VarBuilder` under the Hugging Face tensor names, so the layers load the same way. Their
+//! config and tokenizer are `lazyserve_request::load_meta`'s.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,13 +14,12 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::config::{Architecture, Config};
 use crate::{Error, Result};
 
 /// What a checkpoint path turned out to be.
 pub enum Checkpoint {
     Gguf { path: PathBuf, content: gguf_file::Content },
-    HfFolder { dir: PathBuf, config: Config },
+    HfFolder { dir: PathBuf },
 }
 
 impl Checkpoint {
@@ -28,9 +28,7 @@ impl Checkpoint {
             return Err(Error::NotFound(path.to_path_buf()));
         }
         if path.is_dir() {
-            let cfg_path = path.join("config.json");
-            let json = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io { path: cfg_path, source })?;
-            return Ok(Self::HfFolder { dir: path.to_path_buf(), config: Config::from_hf_json(&json)? });
+            return Ok(Self::HfFolder { dir: path.to_path_buf() });
         }
         let file = File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         let mut reader = BufReader::new(file);
@@ -47,26 +45,10 @@ impl Checkpoint {
         Ok(Self::Gguf { path: path.to_path_buf(), content })
     }
 
-    pub fn config(&self) -> Result<Config> {
-        match self {
-            Self::HfFolder { config, .. } => Ok(config.clone()),
-            Self::Gguf { path, content } => gguf_config(path, content),
-        }
-    }
-
-    /// A short model id: the file or folder name.
-    pub fn name(&self) -> String {
-        let p = match self {
-            Self::Gguf { path, .. } => path,
-            Self::HfFolder { dir, .. } => dir,
-        };
-        p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-    }
-
     /// Tensors as f32 under Hugging Face names (quantized GGUF tensors are dequantized).
     pub fn var_builder(&self) -> Result<VarBuilder<'static>> {
         match self {
-            Self::HfFolder { dir, .. } => {
+            Self::HfFolder { dir } => {
                 let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                     .map_err(|source| Error::Io { path: dir.clone(), source })?
                     .filter_map(|e| e.ok().map(|e| e.path()))
@@ -100,62 +82,6 @@ impl Checkpoint {
             }
         }
     }
-}
-
-fn meta<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
-    content.metadata.get(key).ok_or_else(|| Error::checkpoint(path, format!("missing metadata {key}")))
-}
-
-fn meta_u32(path: &Path, content: &gguf_file::Content, key: &str) -> Result<usize> {
-    meta(path, content, key)?.to_u32().map(|v| v as usize).map_err(|e| Error::checkpoint(path, format!("{key}: {e}")))
-}
-
-fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<Config> {
-    let arch_name = meta(path, content, "general.architecture")?
-        .to_string()
-        .map_err(|e| Error::checkpoint(path, e))?
-        .clone();
-    let architecture = Architecture::parse(&arch_name)?;
-    let key = |k: &str| format!("{arch_name}.{k}");
-    let hidden_size = meta_u32(path, content, &key("embedding_length"))?;
-    let heads = meta_u32(path, content, &key("attention.head_count"))?;
-    let kv_heads = meta_u32(path, content, &key("attention.head_count_kv")).unwrap_or(heads);
-    let head_dim = meta_u32(path, content, &key("attention.key_length")).unwrap_or(hidden_size / heads.max(1));
-    let eps = meta(path, content, &key("attention.layer_norm_rms_epsilon"))?
-        .to_f32()
-        .map_err(|e| Error::checkpoint(path, e))? as f64;
-    let rope_theta = content
-        .metadata
-        .get(&key("rope.freq_base"))
-        .and_then(|v| v.to_f32().ok())
-        .unwrap_or(10_000.0);
-    if content.metadata.contains_key(&key("rope.scaling.type")) || content.metadata.contains_key(&key("attention.sliding_window")) {
-        return Err(Error::Unsupported("RoPE scaling or sliding window in GGUF metadata".into()));
-    }
-    let vocab_size = match content.metadata.get("tokenizer.ggml.tokens") {
-        Some(v) => v.to_vec().map_err(|e| Error::checkpoint(path, e))?.len(),
-        None => meta_u32(path, content, &key("vocab_size"))?,
-    };
-    let cfg = Config {
-        architecture,
-        hidden_size,
-        intermediate_size: meta_u32(path, content, &key("feed_forward_length"))?,
-        num_hidden_layers: meta_u32(path, content, &key("block_count"))?,
-        num_attention_heads: heads,
-        num_key_value_heads: kv_heads,
-        head_dim,
-        vocab_size,
-        rms_norm_eps: eps,
-        rope_theta,
-        rope_scaling: None,
-        // llama.cpp's converter permutes Llama q/k rows for interleaved pairs; Qwen2 keeps halves.
-        rope_interleaved: architecture != Architecture::Qwen2,
-        max_position_embeddings: meta_u32(path, content, &key("context_length"))?,
-        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-    };
-    cfg.validate()?;
-    Ok(cfg)
 }
 
 /// Maps a Hugging Face tensor name to llama.cpp's GGUF name.

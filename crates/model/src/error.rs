@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-/// Errors of checkpoint loading, tokenization and the forward pass.
+/// Errors of checkpoint loading and the forward pass.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("model file not found: {0}")]
@@ -13,20 +13,17 @@ pub enum Error {
     },
     #[error("invalid checkpoint {path}: {reason}")]
     InvalidCheckpoint { path: PathBuf, reason: String },
-    #[error("unsupported architecture {0:?}: supported are llama (Llama 2/3, SmolLM2), mistral (no sliding window) and qwen2")]
-    UnsupportedArchitecture(String),
     #[error("unsupported model setting: {0}")]
     Unsupported(String),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    ChatTemplate(String),
     #[error("prompt has {tokens} tokens, the model's context holds {max}")]
     ContextOverflow { tokens: usize, max: usize },
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Reading the config or tokenizer.
+    #[error(transparent)]
+    Request(#[from] lazyserve_request::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

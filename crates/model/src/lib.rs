@@ -1,26 +1,23 @@
-//! lazyserve's model crate: checkpoint loading (GGUF, Hugging Face folders), tokenizer and
-//! chat template, and a Llama-family forward pass over explicit token sets with our own CPU
-//! kernels. No async, no networking.
+//! lazyserve's model crate: checkpoint weights (GGUF, Hugging Face folders) and a
+//! Llama-family forward pass over explicit token sets with our own CPU kernels. The config and
+//! tokenizer come from `lazyserve-request`. No async, no networking.
 
 pub mod backend;
 pub mod checkpoint;
-pub mod config;
 mod error;
 pub mod kernels;
 pub mod model;
 pub mod tensor;
-pub mod tokenizer;
 
 use std::path::Path;
 
 pub use backend::Forward;
 pub use checkpoint::Checkpoint;
-pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use kernels::kv::KvDtype;
 pub use model::{KvCache, LayerKv, LayerWeights, Model, Segment, WeightFormat};
+pub use lazyserve_request::{load_meta, Architecture, ChatMessage, Config, ModelMeta, Tokenizer};
 pub use tensor::{DeviceSpec, TensorModel};
-pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// A loaded model with its tokenizer.
 pub struct LoadedModel<M = Model> {
@@ -29,28 +26,11 @@ pub struct LoadedModel<M = Model> {
     pub tokenizer: Tokenizer,
 }
 
-/// A checkpoint's id, hyper-parameters and tokenizer, without its weights: what a router
-/// needs to tokenize and validate requests.
-pub struct ModelMeta {
-    pub name: String,
-    pub config: Config,
-    pub tokenizer: Tokenizer,
-}
-
+/// The checkpoint's weights and its metadata. A GGUF header is read twice, by our reader for
+/// the config and tokenizer (as a router reads them) and by candle for the tensor index.
 fn open(path: &Path) -> Result<(Checkpoint, ModelMeta)> {
-    let ckpt = Checkpoint::open(path)?;
-    let config = ckpt.config()?;
-    let tokenizer = match &ckpt {
-        Checkpoint::Gguf { content, .. } => Tokenizer::from_gguf(content)?,
-        Checkpoint::HfFolder { dir, .. } => Tokenizer::from_hf_folder(dir)?,
-    };
-    let name = ckpt.name();
-    Ok((ckpt, ModelMeta { name, config, tokenizer }))
-}
-
-/// Reads a checkpoint's metadata and tokenizer; the weights stay on disk.
-pub fn load_meta(path: &Path) -> Result<ModelMeta> {
-    Ok(open(path)?.1)
+    let meta = load_meta(path)?;
+    Ok((Checkpoint::open(path)?, meta))
 }
 
 /// Loads a GGUF file or a Hugging Face checkpoint folder.

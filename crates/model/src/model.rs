@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::backend::Forward;
-use crate::config::Config;
+use crate::Config;
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
 use crate::kernels::linear::Linear;

@@ -396,7 +396,7 @@ impl StateAssembler {
             (true, Some(h)) => h,
             _ => return Err(StateError::Truncated(self.chunks)),
         };
-        let schedule = Schedule::parse(&header.prune, self.shape.layers)?;
+        let schedule = Schedule::parse(&header.prune, self.shape.layers).map_err(lazyserve_engine::Error::from)?;
         let hidden = self.shape.hidden;
         let layers = self
             .kv

@@ -56,6 +56,13 @@ impl From<lazyserve_engine::Error> for Error {
     }
 }
 
+/// Through the engine's error, so that request checks map to statuses in one place.
+impl From<lazyserve_request::Error> for Error {
+    fn from(e: lazyserve_request::Error) -> Self {
+        lazyserve_engine::Error::from(e).into()
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {

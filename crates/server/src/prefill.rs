@@ -18,6 +18,7 @@ use lazyserve_proto::v1::prefill_server::{Prefill, PrefillServer};
 use lazyserve_proto::v1::{
     prefill_response, FirstToken, PrefillRequest, PrefillResponse, PushStateResponse, StateChunk, StateEncoding, StateSent,
 };
+use lazyserve_request::limits;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -127,7 +128,7 @@ impl PrefillService {
     }
 
     fn validate(&self, req: &PrefillRequest) -> Result<Checked> {
-        check_prompt_ids(&self.engine, &req.prompt_ids)?;
+        limits::token_ids(&req.prompt_ids, self.engine.config())?;
         if req.sequence_id.is_empty() || req.decode_addresses.is_empty() {
             let reason = "sequence_id and decode_addresses are required".into();
             return Err(Error::InvalidArgument { field: "sequence_id", reason });
@@ -324,23 +325,6 @@ impl PrefillService {
         let _ = events.send(Ok(PrefillResponse { event: Some(event) })).await;
         Ok(())
     }
-}
-
-/// Checks token ids from another service: some, each in the vocabulary, room for one more.
-pub(crate) fn check_prompt_ids(engine: &Engine, ids: &[u32]) -> Result<()> {
-    let cfg = engine.config();
-    if ids.is_empty() {
-        return Err(Error::InvalidArgument { field: "prompt_ids", reason: "is empty".into() });
-    }
-    if let Some(id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-        let reason = format!("token {id} is not below the vocabulary size {}", cfg.vocab_size);
-        return Err(Error::InvalidArgument { field: "prompt_ids", reason });
-    }
-    if ids.len() + 1 > cfg.max_position_embeddings {
-        let (tokens, max) = (ids.len(), cfg.max_position_embeddings - 1);
-        return Err(lazyserve_engine::Error::PromptTooLong { tokens, max }.into());
-    }
-    Ok(())
 }
 
 /// The client span of one state push (bytes and chunks recorded when it is accepted).

@@ -9,10 +9,9 @@
 //! where it was dropped. So every token is computed at most once per layer over the whole
 //! generation, and the worst case does no more work than dense inference.
 
-mod schedule;
 mod state;
 
-pub use schedule::{Mode, Schedule, Stage, PRESET_NAMES};
+pub use lazyserve_request::schedule::{Mode, Schedule, Stage, PRESET_NAMES};
 pub use state::{AuxCache, LayerState, LazyStats, SequenceState};
 
 use lazyserve_model::{Config, Forward, Segment};

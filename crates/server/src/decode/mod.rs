@@ -17,13 +17,14 @@ use std::time::{Duration, Instant};
 use lazyserve_discovery::{Capacity, Load};
 use lazyserve_engine::batch::{BatchConfig, Join, Start};
 use lazyserve_engine::lazy::{Schedule, SequenceState};
-use lazyserve_engine::{Engine, Sampler, SamplingParams, MAX_NEW_TOKENS};
+use lazyserve_engine::{Engine, Sampler, SamplingParams};
 use lazyserve_proto::state::{StateAssembler, StateError};
 use lazyserve_proto::v1::decode_server::{Decode, DecodeServer};
 use lazyserve_proto::v1::{
     DecodeRequest, DecodeResponse, LocalPrefill, PushStateResponse, ReleaseRequest, ReleaseResponse, StateChunk,
     StatsRequest, StatsResponse,
 };
+use lazyserve_request::limits;
 use lazyserve_telemetry::metrics::{Gauges, Metrics};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -166,7 +167,7 @@ impl DecodeService {
 impl DecodeService {
     /// Checks a prompt to prefill here.
     fn check_local(&self, local: &LocalPrefill) -> Result<(Schedule, Sampler)> {
-        crate::prefill::check_prompt_ids(&self.inner.engine, &local.prompt_ids)?;
+        limits::token_ids(&local.prompt_ids, self.inner.engine.config())?;
         let schedule = self.inner.engine.schedule(&local.prune)?;
         let sampler = Sampler::new(SamplingParams::from(local.sampling.unwrap_or_default()))?;
         Ok((schedule, sampler))
@@ -214,15 +215,8 @@ impl Decode for DecodeService {
         lazyserve_telemetry::extract(&span, request.metadata());
         span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
-        let vocab = self.inner.engine.config().vocab_size;
-        if req.max_tokens == 0 || req.max_tokens as usize > MAX_NEW_TOKENS {
-            let reason = format!("must be in 1..={MAX_NEW_TOKENS}, got {}", req.max_tokens);
-            return Err(Error::InvalidArgument { field: "max_tokens", reason }.into());
-        }
-        if req.first_token as usize >= vocab {
-            let reason = format!("{} is not below the vocabulary size {vocab}", req.first_token);
-            return Err(Error::InvalidArgument { field: "first_token", reason }.into());
-        }
+        let max_tokens = limits::max_tokens(req.max_tokens as usize).map_err(Error::from)?;
+        limits::token_id("first_token", req.first_token, self.inner.engine.config()).map_err(Error::from)?;
         let (start, sampler, owned) = match req.local {
             None => {
                 let (state, sampler, owned) = self.take(&req.sequence_id)?;
@@ -236,7 +230,7 @@ impl Decode for DecodeService {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = StreamSink { tx, span, owned };
-        self.inner.engine_loop.submit(Join { start, sampler, max_tokens: req.max_tokens as usize, sink })?;
+        self.inner.engine_loop.submit(Join { start, sampler, max_tokens, sink })?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 

@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
 
 /// Architectures whose decoder layer our forward pass implements.
@@ -127,6 +128,56 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads llama.cpp's GGUF metadata keys (`{arch}.embedding_length`, ...).
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let bad = |reason: String| Error::Gguf(reason);
+        let arch_name = gguf
+            .require("general.architecture")?
+            .as_str()
+            .ok_or_else(|| bad("general.architecture is not a string".into()))?
+            .to_string();
+        let architecture = Architecture::parse(&arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let int = |k: &str| -> Result<usize> {
+            let k = key(k);
+            gguf.require(&k)?.as_u32().map(|v| v as usize).ok_or_else(|| bad(format!("{k} is not a u32")))
+        };
+        let hidden_size = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = int("attention.key_length").unwrap_or(hidden_size / heads.max(1));
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps = gguf.require(&eps_key)?.as_f32().ok_or_else(|| bad(format!("{eps_key} is not a float")))? as f64;
+        let rope_theta = gguf.get(&key("rope.freq_base")).and_then(Value::as_f32).unwrap_or(10_000.0);
+        if gguf.get(&key("rope.scaling.type")).is_some() || gguf.get(&key("attention.sliding_window")).is_some() {
+            return Err(Error::Unsupported("RoPE scaling or sliding window in GGUF metadata".into()));
+        }
+        let vocab_size = match gguf.get("tokenizer.ggml.tokens") {
+            Some(v) => v.as_array().ok_or_else(|| bad("tokenizer.ggml.tokens is not an array".into()))?.len(),
+            None => int("vocab_size")?,
+        };
+        let cfg = Config {
+            architecture,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_hidden_layers: int("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: eps,
+            rope_theta,
+            rope_scaling: None,
+            // llama.cpp's converter permutes Llama q/k rows for interleaved pairs; Qwen2 keeps halves.
+            rope_interleaved: architecture != Architecture::Qwen2,
+            max_position_embeddings: int("context_length")?,
+            tie_word_embeddings: !gguf.tensor_names.contains("output.weight"),
+            attention_bias: gguf.tensor_names.contains("blk.0.attn_q.bias"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Checks the invariants the kernels rely on.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::Unsupported(what.to_string()));
@@ -210,6 +261,35 @@ mod tests {
         assert_eq!(cfg.head_dim, 64);
         assert_eq!(cfg.kv_dim(), 192);
         assert!(!cfg.rope_interleaved);
+        Ok(())
+    }
+
+    #[test]
+    fn reads_gguf_metadata() -> anyhow::Result<()> {
+        let int = |v: u32| Value::U32(v);
+        let mut metadata: std::collections::HashMap<String, Value> = [
+            ("llama.embedding_length", int(576)),
+            ("llama.feed_forward_length", int(1536)),
+            ("llama.block_count", int(30)),
+            ("llama.attention.head_count", int(9)),
+            ("llama.attention.head_count_kv", int(3)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.context_length", int(8192)),
+            ("llama.vocab_size", int(49152)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        metadata.insert("general.architecture".into(), Value::String("llama".into()));
+        let tensor_names = ["blk.0.attn_q.weight".to_string()].into();
+        let mut gguf = Gguf { version: 3, metadata, tensor_names };
+        let cfg = Config::from_gguf(&gguf)?;
+        assert_eq!((cfg.head_dim, cfg.kv_dim(), cfg.vocab_size), (64, 192, 49152));
+        assert_eq!(cfg.rope_theta, 10_000.0);
+        assert!(cfg.rope_interleaved && cfg.tie_word_embeddings && !cfg.attention_bias);
+        gguf.metadata.remove("llama.block_count");
+        let err = Config::from_gguf(&gguf).unwrap_err();
+        assert!(err.to_string().contains("missing metadata llama.block_count"), "{err}");
         Ok(())
     }
 

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -14,6 +13,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
 
 /// One chat message, as chat templates expect it.
@@ -30,7 +30,30 @@ pub struct Tokenizer {
     add_bos: bool,
     eos: Vec<u32>,
     eos_text: String,
-    chat_template: Option<String>,
+    chat_template: Option<ChatTemplate>,
+}
+
+/// A chat template, compiled once when the tokenizer is built.
+struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+}
+
+impl ChatTemplate {
+    fn new(source: String) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source).map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        Ok(Self { env })
+    }
+
+    fn render(&self, ctx: minijinja::Value) -> Result<String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        tmpl.render(ctx).map_err(|e| Error::ChatTemplate(e.to_string()))
+    }
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -43,9 +66,9 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 impl Tokenizer {
     /// Builds the tokenizer described by GGUF metadata.
-    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let md = |k: &str| content.metadata.get(k);
-        let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let md = |k: &str| gguf.get(k);
+        let model = md("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or_default();
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
                 "GGUF tokenizer model {model:?} is not supported (only gpt2-style BPE); use the Hugging Face checkpoint folder with tokenizer.json"
@@ -54,16 +77,19 @@ impl Tokenizer {
         let strings = |k: &str| -> Result<Vec<String>> {
             md(k)
                 .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks {k}")))?
-                .to_vec()
-                .map_err(tok_err)?
+                .as_array()
+                .ok_or_else(|| Error::Tokenizer(format!("{k} is not an array")))?
                 .iter()
-                .map(|v| v.to_string().cloned().map_err(tok_err))
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::Tokenizer(format!("{k} holds a non-string"))))
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i32> = match md("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(tok_err)?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+        let types: Vec<i64> = match md("tokenizer.ggml.token_type") {
+            Some(v) => {
+                let types = v.as_array().ok_or_else(|| Error::Tokenizer("tokenizer.ggml.token_type is not an array".into()))?;
+                types.iter().map(|t| t.as_i64().unwrap_or(1)).collect()
+            }
             None => vec![1; tokens.len()],
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
@@ -78,14 +104,14 @@ impl Tokenizer {
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
 
-        let pre = md("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+        let pre = md("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let byte_level = ByteLevel::new(false, true, true);
         let split = |re: &str| -> Result<PreTokenizerWrapper> {
             Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(tok_err)?
                 .into())
         };
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
             "default" | "gpt-2" | "gpt2" => byte_level.into(),
             "llama3" | "llama-bpe" | "smaug-bpe" => {
@@ -104,12 +130,12 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
 
-        let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
+        let id = |k: &str| md(k).and_then(Value::as_u32);
         let bos = id("tokenizer.ggml.bos_token_id").map(|i| (i, tokens.get(i as usize).cloned().unwrap_or_default()));
-        let add_bos = md("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let add_bos = md("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| id(k)).collect();
         let eos_text = eos.first().and_then(|&i| tokens.get(i as usize)).cloned().unwrap_or_default();
-        let chat_template = md("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let chat_template = md("tokenizer.chat_template").and_then(Value::as_str).map(|t| ChatTemplate::new(t.into())).transpose()?;
         Ok(Self { inner, bos, add_bos, eos, eos_text, chat_template })
     }
 
@@ -141,6 +167,7 @@ impl Tokenizer {
                 .map(str::to_string),
             _ => None,
         };
+        let chat_template = chat_template.map(ChatTemplate::new).transpose()?;
         let mut eos: Vec<u32> = inner.token_to_id(&eos_text).into_iter().collect();
         for cfg in [read_json("generation_config.json"), read_json("config.json")] {
             match &cfg["eos_token_id"] {
@@ -185,22 +212,44 @@ impl Tokenizer {
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self
             .chat_template
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| Error::ChatTemplate("the model has no chat template".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        template.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
             eos_token => self.eos_text.clone(),
         })
-        .map_err(|e| Error::ChatTemplate(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_compiles_once_and_renders() -> Result<()> {
+        let source = "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}";
+        let template = ChatTemplate::new(source.into())?;
+        let msg = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        for (content, want) in [(" hi ", "<user>hi</s>"), ("again", "<user>again</s>")] {
+            let text = template.render(minijinja::context! { messages => [msg("user", content)], add_generation_prompt => true, eos_token => "</s>" })?;
+            assert_eq!(text, want);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_chat_template_fails_at_load() {
+        let err = ChatTemplate::new("{% for m in messages %}{{ m.content }}".into()).err().expect("unclosed for loop");
+        assert!(matches!(err, Error::ChatTemplate(_)) && err.to_string().contains("chat template"), "{err}");
+    }
+
+    #[test]
+    fn raise_exception_reaches_the_caller() -> Result<()> {
+        let template = ChatTemplate::new("{{ raise_exception('only user and assistant roles') }}".into())?;
+        let err = template.render(minijinja::context! {}).unwrap_err();
+        assert!(err.to_string().contains("only user and assistant roles"), "{err}");
+        Ok(())
     }
 }

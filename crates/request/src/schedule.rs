@@ -54,7 +54,7 @@ const PRESETS: &[(&str, &[(f32, f32)])] = &[
 pub const PRESET_NAMES: &str = "off, conservative, default, aggressive";
 
 fn bad(reason: impl Into<String>) -> Error {
-    Error::InvalidParameter { field: "prune", reason: reason.into() }
+    Error::Invalid { field: "prune", reason: reason.into() }
 }
 
 impl Schedule {
