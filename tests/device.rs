@@ -9,7 +9,7 @@ use anyhow::Result;
 use candle_core::DType;
 use lazyserve_engine::lazy::{self, LayerState, Schedule, SequenceState};
 use lazyserve_model::{load, load_tensor, DeviceSpec, Forward, KvDtype, LoadedModel, Model, TensorModel, WeightFormat};
-use lazyserve_proto::state::{StateAssembler, StateEncoder};
+use lazyserve_state::{StateAssembler, StateEncoder};
 use lazyserve_proto::v1::generate_request::Input;
 use lazyserve_proto::v1::generate_response::Event;
 use lazyserve_proto::v1::{GenerateRequest, SamplingParams, StateEncoding};

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use lazyserve_engine::lazy::{self, Schedule, SequenceState};
 use lazyserve_model::{KvDtype, Model};
-use lazyserve_proto::state::{StateAssembler, StateEncoder, StateError};
+use lazyserve_state::{StateAssembler, StateEncoder, StateError};
 use lazyserve_proto::v1::state_chunk::Part;
 use lazyserve_proto::v1::{SamplingParams, StateChunk, StateEncoding};
 use lazyserve_tests::tiny_model;

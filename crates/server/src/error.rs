@@ -1,6 +1,6 @@
 //! Domain errors of the services, and the one place they become gRPC statuses.
 
-use lazyserve_proto::state::StateError;
+use lazyserve_state::StateError;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,9 @@ pub enum Error {
     UnknownModel(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A bug: a task that should not fail did.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -78,7 +81,7 @@ impl From<Error> for Status {
             Error::State(StateError::Truncated(_)) => Code::DataLoss,
             Error::Engine(lazyserve_engine::Error::Cancelled) => Code::Cancelled,
             Error::Engine(lazyserve_engine::Error::InvalidState(_)) => Code::InvalidArgument,
-            Error::Engine(_) => Code::Internal,
+            Error::Engine(_) | Error::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");

@@ -12,7 +12,7 @@ use lazyserve_telemetry::metrics::Gauges;
 use tracing::Instrument;
 use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams};
-use lazyserve_proto::state::StateEncoder;
+use lazyserve_state::StateEncoder;
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::prefill_server::{Prefill, PrefillServer};
 use lazyserve_proto::v1::{

@@ -18,7 +18,7 @@ use lazyserve_discovery::{Capacity, Load};
 use lazyserve_engine::batch::{BatchConfig, Join, Start};
 use lazyserve_engine::lazy::{Schedule, SequenceState};
 use lazyserve_engine::{Engine, Sampler, SamplingParams};
-use lazyserve_proto::state::{StateAssembler, StateError};
+use lazyserve_state::{StateAssembler, StateError};
 use lazyserve_proto::v1::decode_server::{Decode, DecodeServer};
 use lazyserve_proto::v1::{
     DecodeRequest, DecodeResponse, LocalPrefill, PushStateResponse, ReleaseRequest, ReleaseResponse, StateChunk,

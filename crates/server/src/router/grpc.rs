@@ -4,9 +4,6 @@
 use std::pin::Pin;
 use std::sync::PoisonError;
 
-use lazyserve_engine::lazy::PRESET_NAMES;
-use lazyserve_engine::MAX_NEW_TOKENS;
-use lazyserve_model::ChatMessage;
 use lazyserve_proto::v1::admin_server::{Admin, AdminServer};
 use lazyserve_proto::v1::generate_request::Input as WireInput;
 use lazyserve_proto::v1::generate_response::Event as WireEvent;
@@ -15,6 +12,7 @@ use lazyserve_proto::v1::{
     GenerateRequest, GenerateResponse, ListWorkersRequest, ListWorkersResponse, ModelInfoRequest, ModelInfoResponse,
     StreamError, TextChunk, WorkerStatus,
 };
+use lazyserve_request::{ChatMessage, MAX_NEW_TOKENS, PRESET_NAMES};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};

@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lazyserve_engine::lazy::Schedule;
-use lazyserve_engine::{SamplingParams, MAX_NEW_TOKENS};
-use lazyserve_model::{ChatMessage, ModelMeta};
+use lazyserve_request::{limits, ChatMessage, ModelMeta, SamplingParams, Schedule};
 
 use crate::config::RouterPolicy;
 use crate::error::{Error, Result};
@@ -76,17 +74,9 @@ impl Job {
         if prompt_ids.is_empty() {
             return Err(invalid("prompt", "has no tokens"));
         }
-        let max = meta.config.max_position_embeddings - 1;
-        if prompt_ids.len() > max {
-            return Err(invalid("prompt", format!("has {} tokens, at most {max} fit the model's context", prompt_ids.len())));
-        }
-        let max_tokens = ask.max_tokens as usize;
-        if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS {
-            return Err(invalid("max_tokens", format!("must be in 1..={MAX_NEW_TOKENS}, got {max_tokens}")));
-        }
-        if ask.stop.iter().any(String::is_empty) {
-            return Err(invalid("stop", "stop strings must not be empty"));
-        }
+        limits::prompt_len(prompt_ids.len(), &meta.config)?;
+        let max_tokens = limits::max_tokens(ask.max_tokens as usize)?;
+        limits::stop_strings(&ask.stop)?;
         let sampling = SamplingParams {
             temperature: ask.temperature.unwrap_or(0.0),
             top_k: ask.top_k as usize,

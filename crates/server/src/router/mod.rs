@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lazyserve_discovery::Discovery;
-use lazyserve_engine::lazy::Schedule;
-use lazyserve_model::ModelMeta;
+use lazyserve_request::{ModelMeta, Schedule};
 use lazyserve_telemetry::metrics::Gauges;
 use lazyserve_telemetry::Metrics;
 use tokio::sync::{mpsc, Semaphore};
@@ -110,7 +109,7 @@ impl Router {
         let owner = self.inner.clone();
         let job = tokio::task::spawn_blocking(move || job::Job::new(ask, &owner.meta, &owner.policy, request_id, timeout))
             .await
-            .map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("tokenizing panicked")))??;
+            .map_err(|_| Error::Internal("tokenizing panicked"))??;
         let model = &inner.meta.name;
         let empty = tracing::field::Empty;
         // The request span, named and attributed after the OpenTelemetry GenAI conventions.

@@ -4,9 +4,9 @@
 use std::time::Instant;
 
 use lazyserve_discovery::Role;
-use lazyserve_engine::{FinishReason, Output};
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::{decode_response, prefill_response, Completion, DecodeDone, DecodeRequest, DecodeResponse, Timings, Usage};
+use lazyserve_request::{FinishReason, Output};
 use tokio::time::timeout_at;
 use tonic::{Request, Streaming};
 use tracing::Instrument;

@@ -3,9 +3,8 @@
 //! servers do (`user` among them); fields we cannot honour are refused rather than
 //! silently dropped.
 
-use lazyserve_engine::MAX_NEW_TOKENS;
-use lazyserve_model::ChatMessage;
 use lazyserve_proto::v1::Completion;
+use lazyserve_request::{ChatMessage, MAX_NEW_TOKENS};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

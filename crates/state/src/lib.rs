@@ -8,7 +8,7 @@ use lazyserve_engine::lazy::{AuxCache, LayerState, Schedule, SequenceState};
 use lazyserve_model::kernels::kv::KvBuf;
 use lazyserve_model::{Config, KvDtype, LayerKv};
 
-use crate::v1::{state_chunk::Part, AuxRows, KvRows, SamplingParams, StateChunk, StateEncoding, StateHeader, StateTrailer};
+use lazyserve_proto::v1::{state_chunk::Part, AuxRows, KvRows, SamplingParams, StateChunk, StateEncoding, StateHeader, StateTrailer};
 
 /// The wire format version this build writes and reads.
 pub const STATE_VERSION: u32 = 1;
