@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API with a real client: the official `openai` Python package,
 //! pointed at `lazyserve serve` by `base_url` and nothing else. Greedy text must equal gRPC
-//! Generate's for the same request; a streaming client that disconnects leaves nothing held.
+//! Generate's for the same request; a client that disconnects leaves nothing held.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -140,7 +140,7 @@ async fn openai_python_client_works_unchanged_and_matches_grpc() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streaming_http_client_that_disconnects_leaves_nothing_held() -> Result<()> {
+async fn http_clients_that_disconnect_leave_nothing_held() -> Result<()> {
     let serve = serve().await;
     let base = format!("{}/v1", serve.http_url());
     let mut client = tokio::process::Command::new(python_grpc())
@@ -156,6 +156,20 @@ async fn a_streaming_http_client_that_disconnects_leaves_nothing_held() -> Resul
     assert_eq!(lines.next_line().await?.as_deref(), Some("closed"));
     assert!(client.wait().await?.success());
     assert_eq!(drained(&serve, Duration::from_secs(5)).await?, (0, 0), "the disconnect freed the sequence");
+
+    // A client that gives up on a long answer it did not stream.
+    let out = tokio::process::Command::new(python_grpc())
+        .arg(repo_root().join("tests/python/openai_client.py"))
+        .args(["give-up", &base])
+        .output()
+        .await?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "gave up", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(drained(&serve, Duration::from_secs(5)).await?, (0, 0), "the disconnect freed the sequence");
+    let start = Instant::now();
+    while serve.log_text().matches("client went away").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "both requests are cancelled:\n{}", serve.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 

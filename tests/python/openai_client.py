@@ -3,6 +3,7 @@
   openai_client.py suite BASE_URL MODEL   runs every case, prints one JSON object
   openai_client.py hold BASE_URL          streams, prints "streaming" after 3 chunks, waits
                                           for a line on stdin, then disconnects
+  openai_client.py give-up BASE_URL       a long request, not streamed, given up after 1 s
   openai_client.py status BASE_URL        one request; prints the HTTP status and error
   openai_client.py raw BASE_URL           what plain HTTP gets for a few malformed calls
 """
@@ -88,6 +89,15 @@ def hold(base):
     print("closed", flush=True)
 
 
+def give_up(base):
+    c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=1.0)
+    try:
+        c.completions.create(model="", prompt="Once upon a time", max_tokens=4000, temperature=0)
+        print("finished")
+    except openai.APITimeoutError:
+        print("gave up")
+
+
 def status(base):
     print(json.dumps(error(lambda: client(base).completions.create(model="", prompt=PROMPT, max_tokens=4))))
 
@@ -115,4 +125,5 @@ def raw(base):
 
 if __name__ == "__main__":
     {"suite": lambda: suite(sys.argv[2], sys.argv[3]), "hold": lambda: hold(sys.argv[2]),
+     "give-up": lambda: give_up(sys.argv[2]),
      "status": lambda: status(sys.argv[2]), "raw": lambda: raw(sys.argv[2])}[sys.argv[1]]()

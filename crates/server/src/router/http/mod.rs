@@ -161,7 +161,7 @@ async fn respond(router: &Router, ask: Ask, options: Options, kind: Kind, header
     let first = match submitted.events.recv().await {
         Some(Event::Failed { error, .. }) => return Err(error.into()),
         Some(e) => e,
-        None => return Err(crate::error::Error::ClientGone.into()),
+        None => return Err(ended().into()),
     };
     let mut response = if options.stream {
         stream(reply, first, submitted.events)
@@ -186,7 +186,12 @@ async fn whole(reply: Reply, first: Event, mut events: mpsc::Receiver<Event>) ->
         }
         next = events.recv().await;
     }
-    Err(crate::error::Error::ClientGone.into())
+    Err(ended().into())
+}
+
+/// The pipeline stopped without a last event: a bug, not the client's doing.
+fn ended() -> crate::error::Error {
+    crate::error::Error::Internal("the request ended without a result")
 }
 
 /// Streams chunks as server-sent events. A task forwards the pipeline's events; when the
@@ -232,6 +237,8 @@ fn stream(reply: Reply, first: Event, mut events: mpsc::Receiver<Event>) -> Resp
                 _ = tx.closed() => return,
             };
         }
+        let _ = send(&ApiError::from(ended()).body()).await;
+        let _ = tx.send(Ok("data: [DONE]\n\n".to_string())).await;
     });
     let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
     let headers = response.headers_mut();
