@@ -122,6 +122,8 @@ async fn bad_requests_get_invalid_argument_naming_the_field() -> Result<()> {
         ("prune", with(&|r| r.prune = Some("bogus".into()))),
         ("model", with(&|r| r.model = Some("gpt-17".into()))),
         ("stop", with(&|r| r.stop = vec![String::new()])),
+        ("stop", with(&|r| r.stop = vec!["x".into(); 17])),
+        ("stop", with(&|r| r.stop = vec!["x".repeat(257)])),
     ];
     for (field, r) in cases {
         let err = match generate(&mut client, r).await {
