@@ -1,35 +1,15 @@
-//! Domain errors of the services, and the one place they become gRPC statuses.
+//! The workers' errors: what every service shares (lazyserve-service's errors), and the
+//! state codec's and the engine's, which become gRPC statuses here.
 
 use lazyserve_state::StateError;
 use tonic::{Code, Status};
 
+pub use lazyserve_service::Error as ServiceError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A request field is wrong; the message names it.
-    #[error("invalid {field}: {reason}")]
-    InvalidArgument { field: &'static str, reason: String },
-    /// A limit was reached; the caller may retry later.
-    #[error("{0}")]
-    Overloaded(String),
-    /// A worker could not be reached or failed.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The request's deadline passed.
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    /// The caller went away.
-    #[error("the client cancelled the request")]
-    ClientGone,
-    #[error("{0}")]
-    NotFound(String),
-    /// The request names a model this router does not serve.
-    #[error("{0}")]
-    UnknownModel(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// A bug: a task that should not fail did.
-    #[error("internal error: {0}")]
-    Internal(&'static str),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -38,65 +18,38 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-impl Error {
-    /// Whether another worker may succeed where one failed.
-    pub fn retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Overloaded(_))
-    }
-}
-
 impl From<lazyserve_engine::Error> for Error {
     fn from(e: lazyserve_engine::Error) -> Self {
         use lazyserve_engine::Error as E;
         match e {
-            E::InvalidParameter { field, reason } => Self::InvalidArgument { field, reason },
-            E::PromptTooLong { tokens, max } => Self::InvalidArgument {
-                field: "prompt",
-                reason: format!("has {tokens} tokens, at most {max} fit the model's context"),
-            },
+            E::InvalidParameter { field, reason } => ServiceError::InvalidArgument { field, reason }.into(),
+            E::PromptTooLong { tokens, max } => ServiceError::from(lazyserve_request::Error::PromptTooLong { tokens, max }).into(),
             e => Self::Engine(e),
         }
     }
 }
 
-/// Through the engine's error, so that request checks map to statuses in one place.
 impl From<lazyserve_request::Error> for Error {
     fn from(e: lazyserve_request::Error) -> Self {
-        lazyserve_engine::Error::from(e).into()
+        Self::Service(e.into())
     }
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let code = match &e {
-            Error::InvalidArgument { .. } | Error::UnknownModel(_) => Code::InvalidArgument,
-            Error::Overloaded(_) => Code::ResourceExhausted,
-            Error::Unavailable(_) => Code::Unavailable,
-            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::NotFound(_) => Code::NotFound,
-            Error::ClientGone => Code::Cancelled,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
+        use lazyserve_engine::Error as E;
+        let code = match e {
+            Error::Service(s) => return s.into(),
             Error::State(StateError::Invalid(_) | StateError::Engine(_)) => Code::InvalidArgument,
             Error::State(StateError::Mismatch(_)) => Code::FailedPrecondition,
             Error::State(StateError::Truncated(_)) => Code::DataLoss,
-            Error::Engine(lazyserve_engine::Error::Cancelled) => Code::Cancelled,
-            Error::Engine(lazyserve_engine::Error::InvalidState(_)) => Code::InvalidArgument,
-            Error::Engine(_) | Error::Internal(_) => Code::Internal,
+            Error::Engine(E::Cancelled) => Code::Cancelled,
+            Error::Engine(E::InvalidState(_)) => Code::InvalidArgument,
+            Error::Engine(_) => Code::Internal,
         };
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");
         }
         Status::new(code, e.to_string())
-    }
-}
-
-/// A status from a worker, as the router passes it on: the caller's own mistakes keep
-/// their code, everything else means the worker could not do its part.
-pub fn from_worker(role: &str, addr: &str, s: Status) -> Error {
-    match s.code() {
-        Code::InvalidArgument => Error::InvalidArgument { field: "request", reason: s.message().to_string() },
-        Code::ResourceExhausted => Error::Overloaded(format!("{role} worker {addr} is overloaded: {}", s.message())),
-        Code::DeadlineExceeded => Error::DeadlineExceeded(format!("{role} worker {addr}: {}", s.message())),
-        _ => Error::Unavailable(format!("{role} worker {addr} failed: {} ({:?})", s.message(), s.code())),
     }
 }

@@ -23,9 +23,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::channels::{grpc_timeout, Channels};
+use lazyserve_service::channels::{grpc_timeout, Channels};
+use lazyserve_service::error::from_worker;
+
 use crate::config::PrefillArgs;
-use crate::error::{self, Error, Result};
+use crate::error::{Error, Result, ServiceError};
 
 /// The Prefill service; clones share the model, the slots and the counters.
 #[derive(Clone)]
@@ -131,13 +133,13 @@ impl PrefillService {
         limits::token_ids(&req.prompt_ids, self.engine.config())?;
         if req.sequence_id.is_empty() || req.decode_addresses.is_empty() {
             let reason = "sequence_id and decode_addresses are required".into();
-            return Err(Error::InvalidArgument { field: "sequence_id", reason });
+            return Err(ServiceError::InvalidArgument { field: "sequence_id", reason }.into());
         }
         let schedule = self.engine.schedule(&req.prune)?;
         let sampling = SamplingParams::from(req.sampling.unwrap_or_default());
         sampling.validate()?;
         let encoding = StateEncoding::try_from(req.encoding)
-            .map_err(|_| Error::InvalidArgument { field: "encoding", reason: format!("unknown value {}", req.encoding) })?;
+            .map_err(|_| ServiceError::InvalidArgument { field: "encoding", reason: format!("unknown value {}", req.encoding) })?;
         Ok((schedule, sampling, encoding))
     }
 
@@ -146,7 +148,7 @@ impl PrefillService {
         let c = &self.counters;
         if c.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
             c.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::Overloaded(format!("prefill queue is full ({} waiting)", self.max_waiting)));
+            return Err(ServiceError::Overloaded(format!("prefill queue is full ({} waiting)", self.max_waiting)).into());
         }
         c.inflight.fetch_add(1, Ordering::SeqCst);
         c.tokens.fetch_add(tokens, Ordering::SeqCst);
@@ -196,7 +198,7 @@ impl PrefillService {
         span.record("lazyserve.bytes", bytes as i64).record("lazyserve.chunks", chunks as i64);
         match push.await {
             Ok(Ok(_)) => Ok((bytes, chunks)),
-            Ok(Err(s)) => Err(error::from_worker("decode", addr, s)),
+            Ok(Err(s)) => Err(from_worker("decode", addr, s).into()),
             Err(_) => Err(Error::Engine(lazyserve_engine::Error::Internal("state push panicked"))),
         }
     }
@@ -261,7 +263,7 @@ impl PrefillService {
             if !streaming && no_fallback {
                 // The state has nowhere to go: fail before the first token, so the router
                 // can still retry the whole request.
-                return Err(Error::Unavailable("the decode worker closed the state stream".into()));
+                return Err(ServiceError::Unavailable("the decode worker closed the state stream".into()).into());
             }
             let first = FirstToken {
                 token_id: pre.first_token,
@@ -286,7 +288,7 @@ impl PrefillService {
         let (state, mut bytes, mut chunks, first_at) = match (computed, &pushed) {
             (Ok(c), _) => c,
             // The push's own error says why the stream closed.
-            (Err(Error::Unavailable(_)), Err(status)) => return Err(error::from_worker("decode", &addrs[0], status.clone())),
+            (Err(Error::Service(ServiceError::Unavailable(_))), Err(status)) => return Err(from_worker("decode", &addrs[0], status.clone()).into()),
             (Err(e), _) => return Err(e),
         };
         let mut accepted = None;
@@ -297,7 +299,7 @@ impl PrefillService {
                 accepted = Some(addrs[0].clone());
             }
             Err(status) => {
-                let e = error::from_worker("decode", &addrs[0], status);
+                let e = Error::from(from_worker("decode", &addrs[0], status));
                 tracing::warn!(sequence_id = %header.sequence_id, decode = %addrs[0], error = %e, "state push failed");
                 last_error = Some(e);
                 let state = Arc::new(state);

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let registration = serve::register(&cli.register, Role::Decode, listener.local_addr()?, (&meta.0, meta.1), service.capacity(), load)?;
     let gauges = service.clone();
     metrics.add_gauges(move || gauges.gauges());
-    let roles = Roles { decode: Some(service), registration, ..Roles::default() };
+    let roles = Roles::default().with_worker(service.into_server()).with_registration(registration);
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result

@@ -57,7 +57,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(args.http_listen).await?;
         eprintln!("lazyserve listening on {}", listener.local_addr()?);
         eprintln!("lazyserve OpenAI HTTP API on http://{}", http.local_addr()?);
-        let roles = Roles { router: Some(router), http: Some(http), prefill: Some(prefill), decode: Some(decode), registration: None };
+        let roles = Roles::router(router, Some(http)).with_worker(prefill.into_server()).with_worker(decode.into_server());
         let result = serve::serve(listener, roles, args.server.grace_period(), serve::shutdown_signal()).await;
         tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
         result

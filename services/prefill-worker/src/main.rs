@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = cli.server.telemetry.metrics(&meta.0, "prefill", telemetry.exporting()).await?;
     let gauges = service.clone();
     metrics.add_gauges(move || gauges.gauges());
-    let roles = Roles { prefill: Some(service), registration, ..Roles::default() };
+    let roles = Roles::default().with_worker(service.into_server()).with_registration(registration);
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result

@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use lazyserve_server::config::{MetaArgs, RouterArgs, ServerArgs};
-use lazyserve_server::serve::{self, Roles};
-use lazyserve_server::Router;
+use lazyserve_service::config::{MetaArgs, RouterArgs, ServerArgs};
+use lazyserve_service::serve::{self, Roles};
+use lazyserve_service::Router;
 
 #[derive(Parser, Debug)]
 #[command(name = "lazyserve-router", version, about = "lazyserve router: tokenizes, routes to prefill and decode workers, streams tokens")]
@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(h) = &http {
         eprintln!("lazyserve-router OpenAI HTTP API on http://{}", h.local_addr()?);
     }
-    let roles = Roles { router: Some(router), http, ..Roles::default() };
+    let roles = Roles::router(router, http);
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::store::Owned;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ServiceError};
 
 pub(super) type Responses = mpsc::UnboundedSender<std::result::Result<DecodeResponse, Status>>;
 
@@ -109,7 +109,7 @@ impl EngineLoop {
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
         self.tx.send(join).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            Error::Unavailable("the decode loop has stopped".into())
+            ServiceError::Unavailable("the decode loop has stopped".into()).into()
         })
     }
 }

@@ -32,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::config::DecodeArgs;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ServiceError};
 use engine_loop::{EngineLoop, StreamSink};
 use store::{Held, Inner, Owned, Receiving};
 
@@ -121,7 +121,7 @@ impl DecodeService {
             let mut store = inner.store();
             store.receiving_bytes.insert(guard.id, asm.bytes());
             if store.bytes() > inner.max_bytes {
-                return Err(Error::Overloaded(format!("decode worker state memory is full ({} MiB)", inner.max_bytes >> 20)));
+                return Err(ServiceError::Overloaded(format!("decode worker state memory is full ({} MiB)", inner.max_bytes >> 20)).into());
             }
         }
         let bytes = asm.bytes();
@@ -132,10 +132,10 @@ impl DecodeService {
         let mut store = inner.store();
         if store.released.remove(&header.sequence_id).is_some() {
             tracing::debug!(sequence_id = %header.sequence_id, "state arrived after its release; dropped");
-            return Err(Error::ClientGone);
+            return Err(ServiceError::ClientGone.into());
         }
         if store.held.contains_key(&header.sequence_id) {
-            return Err(Error::AlreadyExists(format!("sequence {} is held already", header.sequence_id)));
+            return Err(ServiceError::AlreadyExists(format!("sequence {} is held already", header.sequence_id)).into());
         }
         let ttl = Duration::from_millis(header.ttl_ms.max(1) as u64);
         store.held.insert(
@@ -152,11 +152,11 @@ impl DecodeService {
         let held = store
             .held
             .get_mut(sequence_id)
-            .ok_or_else(|| Error::NotFound(format!("no state held for sequence {sequence_id}")))?;
+            .ok_or_else(|| ServiceError::NotFound(format!("no state held for sequence {sequence_id}")))?;
         let state = held
             .state
             .take()
-            .ok_or_else(|| Error::AlreadyExists(format!("sequence {sequence_id} is being decoded already")))?;
+            .ok_or_else(|| ServiceError::AlreadyExists(format!("sequence {sequence_id} is being decoded already")))?;
         let owned = Owned { inner: self.inner.clone(), sequence_id: sequence_id.to_string() };
         // Prefill drew once for the first token.
         let sampler = Sampler::after(held.sampling.clone(), 1)?;
@@ -178,7 +178,7 @@ impl DecodeService {
         let mut store = self.inner.store();
         self.inner.check_room(&store)?;
         if store.held.contains_key(sequence_id) {
-            return Err(Error::AlreadyExists(format!("sequence {sequence_id} is held already")));
+            return Err(ServiceError::AlreadyExists(format!("sequence {sequence_id} is held already")).into());
         }
         let held = Held { state: None, sampling: SamplingParams::default(), bytes: 0, deadline: Instant::now() };
         store.held.insert(sequence_id.to_string(), held);

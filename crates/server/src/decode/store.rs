@@ -11,7 +11,7 @@ use lazyserve_engine::lazy::SequenceState;
 use lazyserve_engine::{Engine, SamplingParams};
 
 use super::engine_loop::EngineLoop;
-use crate::error::{Error, Result};
+use crate::error::{Result, ServiceError};
 
 /// How often abandoned states are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -58,7 +58,7 @@ impl Inner {
     /// Refuses a new sequence when the worker holds as many as it may.
     pub fn check_room(&self, store: &Store) -> Result<()> {
         if store.held.len() + store.receiving >= self.max_sequences {
-            return Err(Error::Overloaded(format!("decode worker holds {} sequences already", self.max_sequences)));
+            return Err(ServiceError::Overloaded(format!("decode worker holds {} sequences already", self.max_sequences)).into());
         }
         Ok(())
     }

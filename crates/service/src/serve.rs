@@ -1,46 +1,69 @@
 //! One gRPC server with any of the three roles, health and reflection, and a graceful
 //! shutdown on SIGTERM or Ctrl-C.
 
-use std::time::Duration;
-
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
-use tonic_health::ServingStatus;
-
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lazyserve_discovery::etcd::Registration;
 use lazyserve_discovery::{Capacity, Load, Role, WorkerInfo};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::codegen::http::Request;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 use crate::config::RegisterArgs;
-use crate::{DecodeService, PrefillService, Router};
+use crate::Router;
 
 /// The roles one server runs, and the etcd registration to revoke when it drains.
 #[derive(Default)]
 pub struct Roles {
-    pub router: Option<Router>,
-    /// Where the router's OpenAI-compatible HTTP API listens (with a router only).
-    pub http: Option<TcpListener>,
-    pub prefill: Option<PrefillService>,
-    pub decode: Option<DecodeService>,
-    pub registration: Option<Registration>,
+    router: Option<Router>,
+    /// Where the router's OpenAI-compatible HTTP API listens.
+    http: Option<TcpListener>,
+    /// The workers' gRPC services (lazyserve-server's), and their names for health.
+    workers: Routes,
+    worker_names: Vec<&'static str>,
+    registration: Option<Registration>,
 }
 
 impl Roles {
+    /// The router, with its HTTP API on `http` when given.
+    pub fn router(router: Router, http: Option<TcpListener>) -> Self {
+        Self { router: Some(router), http, ..Self::default() }
+    }
+
+    /// The etcd registration to revoke when the server drains.
+    pub fn with_registration(mut self, registration: Option<Registration>) -> Self {
+        self.registration = registration;
+        self
+    }
+
+    /// Adds a worker's gRPC service.
+    pub fn with_worker<S>(mut self, svc: S) -> Self
+    where
+        S: Service<Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.worker_names.push(S::NAME);
+        self.workers = self.workers.add_service(svc);
+        self
+    }
+
     fn names(&self) -> Vec<&'static str> {
         let mut names = Vec::new();
         if self.router.is_some() {
             names.push("lazyserve.v1.Generation");
             names.push("lazyserve.v1.Admin");
         }
-        if self.prefill.is_some() {
-            names.push("lazyserve.v1.Prefill");
-        }
-        if self.decode.is_some() {
-            names.push("lazyserve.v1.Decode");
-        }
+        names.extend(&self.worker_names);
         names
     }
 }
@@ -112,13 +135,12 @@ pub async fn serve(
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .add_routes(roles.workers)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_optional_service(roles.router.clone().map(Router::admin_server))
         .add_optional_service(roles.router.map(Router::into_server))
-        .add_optional_service(roles.prefill.map(PrefillService::into_server))
-        .add_optional_service(roles.decode.map(DecodeService::into_server))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
     let http = async move {
         let Some((router, listener)) = http else { return Ok(()) };
