@@ -4,7 +4,11 @@
 //! prefill container is cut off the network and reconnected, and etcd is stopped and
 //! started: every request completes or ends with UNAVAILABLE within its deadline, the pools
 //! recover, no decode container holds state afterwards, and a container drains on SIGTERM.
+//! The router's published OpenAI-compatible HTTP port answers /v1/completions with the
+//! same greedy text as Generate.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +43,7 @@ fn docker(args: &[&str]) -> Result<Output> {
 struct Stack {
     project: String,
     router_port: u16,
+    http_port: u16,
 }
 
 impl Stack {
@@ -47,6 +52,7 @@ impl Stack {
             .args(["-f", "deploy/docker-compose.yml", "-p", &self.project])
             .args(args)
             .env("LAZYSERVE_ROUTER_PORT", format!("127.0.0.1:{}", self.router_port))
+            .env("LAZYSERVE_ROUTER_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("LAZYSERVE_LEASE_TTL_SECS", "5")
             .env("LAZYSERVE_MODELS", repo_root().join("models")))
     }
@@ -93,12 +99,15 @@ impl Drop for Stack {
     }
 }
 
+/// Each Generate call's `max_tokens` (greedy: the proto's default temperature is 0).
+const MAX_TOKENS: u32 = 12;
+
 /// One request: Ok(text) or the code it ended with; panics past its deadline.
 async fn call(url: String, prompt: String) -> std::result::Result<String, Code> {
     let start = Instant::now();
     let result = async {
         let mut client = GenerationClient::connect(url).await.map_err(|_| Code::Unavailable)?;
-        let mut req = tonic::Request::new(GenerateRequest { input: Some(Input::Prompt(prompt)), max_tokens: 12, ..Default::default() });
+        let mut req = tonic::Request::new(GenerateRequest { input: Some(Input::Prompt(prompt)), max_tokens: MAX_TOKENS, ..Default::default() });
         req.set_timeout(DEADLINE);
         let mut stream = client.generate(req).await.map_err(|s| s.code())?.into_inner();
         let mut text = String::new();
@@ -119,6 +128,41 @@ async fn call(url: String, prompt: String) -> std::result::Result<String, Code> 
     result
 }
 
+/// `POST path` with a JSON body over plain HTTP/1.1 (`connection: close`): (status, body).
+fn http_post(port: u16, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+    let body = body.to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+    conn.set_read_timeout(Some(DEADLINE))?;
+    write!(
+        conn,
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply)?;
+    let reply = String::from_utf8(reply)?;
+    let Some((head, mut rest)) = reply.split_once("\r\n\r\n") else { bail!("no HTTP header end in {reply:?}") };
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+    let Some(status) = status else { bail!("no HTTP status in {head:?}") };
+    let mut payload = String::new();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        loop {
+            let Some((size, tail)) = rest.split_once("\r\n") else { bail!("bad chunk in {reply:?}") };
+            let size = usize::from_str_radix(size.trim(), 16)?;
+            if size == 0 {
+                break;
+            }
+            payload.push_str(&tail[..size]);
+            rest = &tail[size + 2..];
+        }
+    } else {
+        payload.push_str(rest);
+    }
+    let json = serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("{e}: HTTP {status} {payload:?}"))?;
+    Ok((status, json))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_stack_survives_faults() -> Result<()> {
     // The images, from bases made here.
@@ -128,11 +172,19 @@ async fn compose_stack_survives_faults() -> Result<()> {
     docker(&["build", "-q", "-f", "deploy/Dockerfile", "--build-arg", "BUILDER_IMAGE=lazyserve-rust:local", "--build-arg", &base, "-t", "lazyserve:0.1.0", "."])?;
     docker(&["build", "-q", "-f", "deploy/etcd.Dockerfile", "--build-arg", &base, "-t", "lazyserve-etcd:0.1.0", "deploy"])?;
 
-    let stack = Stack { project: format!("lazyservetest{}", std::process::id()), router_port: free_port() };
+    let stack = Stack { project: format!("lazyservetest{}", std::process::id()), router_port: free_port(), http_port: free_port() };
     stack.compose(&["up", "-d"])?;
     stack.pools(2, 2, Duration::from_secs(180)).await?;
-    let text = call(stack.url(), "The capital of France is".into()).await.expect("first request");
+    let prompt = "The capital of France is";
+    let text = call(stack.url(), prompt.into()).await.expect("first request");
     assert!(text.contains("Paris"), "{text}");
+
+    // The same greedy request through the published OpenAI-compatible HTTP port.
+    let request = serde_json::json!({"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": false});
+    let port = stack.http_port;
+    let (status, reply) = tokio::task::spawn_blocking(move || http_post(port, "/v1/completions", &request)).await??;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["text"].as_str(), Some(text.as_str()), "{reply}");
 
     // Load: clients in a loop, long prompts (the disaggregated path) and short ones.
     let stop = Arc::new(AtomicBool::new(false));

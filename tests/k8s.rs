@@ -1,7 +1,8 @@
 //! The Kubernetes manifests under k8s/: every kustomization renders with `kubectl kustomize`
 //! and validates against the Kubernetes 1.30 schemas (tests/k8s/validate.sh), and the dev
 //! overlay's pods, run as local processes with exactly the manifests' commands, args and
-//! env, serve a Generate call (tests/k8s/smoke.py). Needs kubectl (Debian:
+//! env, serve a Generate call and the same greedy completion on the router's OpenAI HTTP
+//! port (tests/k8s/smoke.py). Needs kubectl (Debian:
 //! kubernetes-client), etcd (etcd-server) and python3 with venv; the Python packages go in
 //! .venv-k8s, made from tests/k8s/requirements.txt when missing.
 
@@ -45,7 +46,7 @@ fn every_kustomization_renders_and_validates_against_kubernetes_1_30() {
 }
 
 #[test]
-fn dev_overlay_pods_run_the_binaries_and_serve_generate() {
+fn dev_overlay_pods_run_the_binaries_and_serve_generate_and_http() {
     let python = python_k8s();
     let router = binary("lazyserve-router");
     binary("lazyserve-prefill-worker");

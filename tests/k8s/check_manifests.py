@@ -7,6 +7,9 @@ Prints one line per problem and exits 1 if there is any. What it checks:
 - selectors (Deployment, StatefulSet, Service, PodDisruptionBudget, NetworkPolicy,
   ServiceMonitor) select something, and each workload's selector its own pod template;
 - Service target ports, probe ports and NetworkPolicy ports exist on the selected pods;
+- the router's public ports (gRPC `grpc` 50051, OpenAI HTTP `http` 8000) are container
+  ports, on a Service that selects it, and open to any client where NetworkPolicies
+  select it;
 - HPAs and PDBs point at existing workloads, minReplicas <= maxReplicas;
 - ConfigMaps, ServiceAccounts and volumes that pods name exist; volume mounts name volumes;
 - terminationGracePeriodSeconds leaves room for the preStop hook and --grace-period-secs;
@@ -23,6 +26,8 @@ RECOMMENDED = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kube
 COMPONENTS = {"router", "prefill", "decode", "etcd"}
 WITH_COMPONENT = {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
 WORKLOADS = {"Deployment", "StatefulSet"}
+# Ports clients reach, by component: container port name -> number.
+PUBLIC_PORTS = {"router": {"grpc": 50051, "http": 8000}}
 
 problems = []
 
@@ -214,6 +219,23 @@ def main(path, name=None):
                     for p in rule.get("ports", []):
                         if not any(p["port"] in container_ports(w["spec"]["template"]["spec"]) for w in targets):
                             problem(np, f"ingress port {p['port']} is on none of the selected pods")
+
+    for w, lab in pod_labels:
+        for port_name, number in PUBLIC_PORTS.get(lab.get("app.kubernetes.io/component"), {}).items():
+            declared = container_ports(w["spec"]["template"]["spec"]).get(port_name)
+            if not declared or declared["containerPort"] != number:
+                problem(w, f"public port {port_name} {number} is not a container port")
+                continue
+            services = [s for s in by_kind.get("Service", []) if selects(s["spec"].get("selector"), lab)]
+            if not any(p.get("targetPort", p["port"]) in (port_name, number) for s in services for p in s["spec"].get("ports", [])):
+                problem(w, f"public port {port_name} {number} is on no Service")
+            policies = [np for np in by_kind.get("NetworkPolicy", [])
+                        if "Ingress" in np["spec"].get("policyTypes", ["Ingress"]) and selects(np["spec"]["podSelector"], lab)]
+            open_to_all = any("from" not in rule and (not rule.get("ports")
+                                                      or any(p.get("port") in (port_name, number) for p in rule["ports"]))
+                              for np in policies for rule in np["spec"].get("ingress", []))
+            if policies and not open_to_all:
+                problem(w, f"public port {port_name} {number}: no NetworkPolicy lets clients in")
 
     for sm in by_kind.get("ServiceMonitor", []):
         matched = [s for s in by_kind.get("Service", []) if selects(sm["spec"]["selector"], s["metadata"].get("labels") or {})]

@@ -19,7 +19,8 @@ Then: init containers run to completion; every probe of the manifest (gRPC healt
 HTTP, TCP) passes on its port; the router lists the prefill and decode workers under
 their pod names and advertised addresses; Generate streams a completion with text, once
 on the decode worker alone (short prompt) and once through the prefill worker (a prompt
-longer than --local-prefill-tokens); each pod's metrics port serves /metrics with the
+longer than --local-prefill-tokens); the router's `http` port answers POST /v1/completions
+(temperature 0) with the same text as the greedy Generate of that prompt; each pod's metrics port serves /metrics with the
 gauges that the HPAs of the custom-metrics overlay read; each process stays under its
 memory limit, and every kustomization's decode limit holds the model plus
 LAZYSERVE_MAX_STATE_MIB; preStop then SIGTERM ends each lazyserve process with exit code
@@ -45,6 +46,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -63,7 +66,7 @@ NO_PROXY = [("grpc.enable_http_proxy", 0)]  # loopback only, whatever http_proxy
 
 # Where addresses live: these flags and variables get the port mapping, nothing else.
 ADDRESS_FLAGS = {
-    "--listen", "--advertise-address", "--metrics-listen", "--etcd-endpoints", "--prefill-workers",
+    "--listen", "--http-listen", "--advertise-address", "--metrics-listen", "--etcd-endpoints", "--prefill-workers",
     "--decode-workers", "--otlp-endpoint",
     # etcd
     "--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
@@ -506,6 +509,22 @@ def generate(pb, rpc, port, prompt, max_tokens):
     return text, complete
 
 
+def complete_http(port, prompt, max_tokens):
+    """POST /v1/completions (greedy, not streamed) on the router's HTTP port: the reply's text."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": False}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"content-type": "application/json"}, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
+    try:
+        with opener.open(req, timeout=120) as r:
+            status, reply = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SmokeError(f"POST /v1/completions: HTTP {e.code}: {e.read().decode(errors='replace')}")
+    if status != 200 or reply.get("object") != "text_completion" or not reply.get("choices"):
+        raise SmokeError(f"POST /v1/completions: HTTP {status}: {reply}")
+    return reply["choices"][0]["text"]
+
+
 def list_workers(pb, rpc, port):
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as ch:
         return rpc.AdminStub(ch).ListWorkers(pb.ListWorkersRequest(), timeout=10)
@@ -585,10 +604,16 @@ def run(cluster, tmp):
         time.sleep(0.5)
     log(f"router lists the workers under their pod names and advertised addresses: {seen}")
 
-    text, complete = generate(pb, rpc, router_port, "The capital of France is", 8)
+    short_prompt, short_max = "The capital of France is", 8
+    text, complete = generate(pb, rpc, router_port, short_prompt, short_max)
     log(f"Generate (short prompt): {text!r}, {json.dumps(complete)}")
     if not text.strip() or not complete or complete.get("finishReason") not in ("length", "eos", "stop"):
         raise SmokeError(f"no completion with text: {text!r} {complete}")
+    # The same prompt through the OpenAI-compatible HTTP API on the router's `http` port.
+    http_text = complete_http(pods["router"].host_port("http"), short_prompt, short_max)
+    log(f"POST /v1/completions on the router's http port: {http_text!r}")
+    if http_text != text:
+        raise SmokeError(f"/v1/completions text {http_text!r} != Generate text {text!r} (both greedy)")
     local_below = int(pods["router"].env(pods["router"].container("router")).get("LAZYSERVE_LOCAL_PREFILL_TOKENS", "256"))
     long_prompt = "Here is a list of the planets of the solar system and what they are made of. " * (local_below // 12 + 4)
     text, complete = generate(pb, rpc, router_port, long_prompt, 4)
@@ -731,7 +756,7 @@ def main():
     if not attempt(OVERLAY, "dev pods", run):
         return 1
     print("OK: the base's etcd members formed a cluster, and the dev overlay's etcd, router, prefill and decode"
-          " pods ran as the manifests say and served Generate", flush=True)
+          " pods ran as the manifests say and served Generate and /v1/completions", flush=True)
     return 0
 
 
