@@ -55,7 +55,6 @@ struct Inner {
 /// A request taken in.
 pub struct Submitted {
     pub request_id: String,
-    pub prompt_tokens: usize,
     /// Chunks, then one `Complete` or `Failed`. Dropping it cancels the request.
     pub events: mpsc::Receiver<Event>,
 }
@@ -135,7 +134,7 @@ impl Router {
         lazyserve_telemetry::extract(&span, trace);
         span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let (tx, rx) = mpsc::channel(EVENTS_BUFFER);
-        let submitted = Submitted { request_id: job.request_id.clone(), prompt_tokens: job.prompt_ids.len(), events: rx };
+        let submitted = Submitted { request_id: job.request_id.clone(), events: rx };
         tokio::spawn(pipeline::run(self.inner.clone(), job, tx, permit).instrument(span));
         Ok(submitted)
     }

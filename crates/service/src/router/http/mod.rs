@@ -15,6 +15,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Json;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -42,6 +43,13 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl std::fu
         .route("/health", get(health))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/completions, /v1/chat/completions, /v1/models") })
         .with_state(router);
+    // Each event is its own small write: without TCP_NODELAY, Nagle's algorithm would hold
+    // a token back until the client acknowledged the one before.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
