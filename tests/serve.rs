@@ -124,6 +124,8 @@ async fn bad_requests_get_invalid_argument_naming_the_field() -> Result<()> {
         ("stop", with(&|r| r.stop = vec![String::new()])),
         ("stop", with(&|r| r.stop = vec!["x".into(); 17])),
         ("stop", with(&|r| r.stop = vec!["x".repeat(257)])),
+        ("request_id", with(&|r| r.request_id = Some("r1\nINFO forged line".into()))),
+        ("request_id", with(&|r| r.request_id = Some("x".repeat(129)))),
     ];
     for (field, r) in cases {
         let err = match generate(&mut client, r).await {
@@ -323,5 +325,8 @@ async fn lazyserve_serve_answers_alone() -> Result<()> {
     let got = generate(&mut client, req("The capital of France is", 6)).await?;
     assert_eq!(got.ids, in_process("The capital of France is", 6, "off"));
     assert!(got.text.contains("Paris"));
+    // Its stderr is a file: plain lines, no colour escapes.
+    let log = serve.log_text();
+    assert!(log.contains("request done") && !log.contains('\x1b'), "{log}");
     Ok(())
 }

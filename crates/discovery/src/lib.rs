@@ -5,7 +5,7 @@
 
 pub mod etcd;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -129,11 +129,11 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn set(&self, workers: Vec<WorkerInfo>) {
-        *self.workers.write().expect("worker set lock") = Arc::new(workers);
+        *self.workers.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(workers);
     }
 
     pub(crate) fn get(&self) -> Arc<Vec<WorkerInfo>> {
-        self.workers.read().expect("worker set lock").clone()
+        self.workers.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub(crate) fn set_fresh(&self, fresh: bool) {

@@ -9,6 +9,8 @@ pub const MAX_NEW_TOKENS: usize = 8192;
 pub const MAX_STOP_STRINGS: usize = 16;
 /// Bytes of one stop string.
 pub const MAX_STOP_BYTES: usize = 256;
+/// Bytes of a caller's request id.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// `max_tokens`, in `1..=MAX_NEW_TOKENS`.
 pub fn max_tokens(n: usize) -> Result<usize> {
@@ -29,6 +31,18 @@ pub fn stop_strings(stop: &[String]) -> Result<()> {
     }
     if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
         return Err(Error::invalid("stop", format!("a stop string has at most {MAX_STOP_BYTES} bytes, got {}", s.len())));
+    }
+    Ok(())
+}
+
+/// A caller's request id: at most [`MAX_REQUEST_ID_BYTES`] and no control characters (it is
+/// written into every log line of the request, where a newline would forge another line).
+pub fn request_id(id: &str) -> Result<()> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::invalid("request_id", format!("has {} bytes, at most {MAX_REQUEST_ID_BYTES} are allowed", id.len())));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid("request_id", "must not contain control characters"));
     }
     Ok(())
 }
@@ -94,6 +108,17 @@ mod tests {
         assert_eq!(err(&["\n".into(), String::new()]), "invalid stop: stop strings must not be empty");
         assert_eq!(err(&strings(17, 1)), "invalid stop: at most 16 stop strings, got 17");
         assert_eq!(err(&strings(1, 257)), "invalid stop: a stop string has at most 256 bytes, got 257");
+    }
+
+    #[test]
+    fn request_ids_are_bounded_and_printable() {
+        assert!(request_id("batch-7/req 12").is_ok());
+        assert!(request_id(&"x".repeat(MAX_REQUEST_ID_BYTES)).is_ok());
+        let err = |id: &str| request_id(id).unwrap_err().to_string();
+        assert_eq!(err(&"x".repeat(129)), "invalid request_id: has 129 bytes, at most 128 are allowed");
+        for forged in ["a\nINFO fake line", "a\rb", "a\u{1b}[31mred"] {
+            assert_eq!(err(forged), "invalid request_id: must not contain control characters");
+        }
     }
 
     #[test]

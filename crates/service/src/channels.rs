@@ -1,7 +1,7 @@
 //! One lazily connected gRPC channel per worker address, shared by all requests.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -23,7 +23,7 @@ pub struct Channels {
 impl Channels {
     /// The channel to `addr` (host:port), created on first use.
     pub fn get(&self, addr: &str) -> Result<Channel> {
-        let mut map = self.map.lock().expect("channel map lock");
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }

@@ -103,7 +103,7 @@ pub fn init(cfg: &Config) -> Result<Telemetry> {
     let tracer = tracer.build();
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| cfg.default_filter.as_str().into());
     let fmt = match cfg.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi_colours()).with_writer(std::io::stderr).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
@@ -135,4 +135,11 @@ impl Telemetry {
             let _ = m.shutdown();
         }
     }
+}
+
+/// Whether text logs get colours: only on a terminal, and not when `NO_COLOR` is set to
+/// anything (no-color.org), so that a file or a pipe gets plain lines.
+pub fn ansi_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

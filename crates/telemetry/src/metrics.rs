@@ -3,7 +3,7 @@
 //! latency histograms also go out over OTLP (TTFT as `gen_ai.server.time_to_first_token`).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use opentelemetry::metrics::Histogram as OtelHistogram;
 use opentelemetry::KeyValue;
@@ -147,7 +147,7 @@ impl Metrics {
 
     /// Adds a source of gauge values, read (and summed with the others) at each scrape.
     pub fn add_gauges(&self, source: impl Fn() -> Gauges + Send + Sync + 'static) {
-        self.gauges.lock().expect("gauge sources lock").push(Arc::new(source));
+        self.gauges.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::new(source));
     }
 
     pub fn observe_ttft(&self, seconds: f64) {
@@ -187,7 +187,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
-        let g = self.gauges.lock().expect("gauge sources lock").iter().fold(Gauges::default(), |a, f| {
+        let g = self.gauges.lock().unwrap_or_else(PoisonError::into_inner).iter().fold(Gauges::default(), |a, f| {
             let b = f();
             Gauges {
                 inflight_requests: a.inflight_requests + b.inflight_requests,

@@ -51,6 +51,7 @@ fn main() -> std::process::ExitCode {
     // The server sets up its own logs, traces and metrics; the local commands log warnings.
     if !matches!(cli.command, Command::Serve(_)) {
         tracing_subscriber::fmt()
+            .with_ansi(lazyserve_telemetry::ansi_colours())
             .with_writer(std::io::stderr)
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .init();

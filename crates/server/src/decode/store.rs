@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use lazyserve_engine::lazy::SequenceState;
@@ -51,8 +51,10 @@ pub(super) struct Inner {
 }
 
 impl Inner {
+    /// The store. A panic while it was held does not take every later call down with it:
+    /// it is plain maps and counters, which a panic cannot leave unsafe to read.
     pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().expect("state store lock")
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Refuses a new sequence when the worker holds as many as it may.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lazyserve_discovery::Discovery;
-use lazyserve_request::{ModelMeta, Schedule};
+use lazyserve_request::{limits, ModelMeta, Schedule};
 use lazyserve_telemetry::metrics::Gauges;
 use lazyserve_telemetry::Metrics;
 use tokio::sync::{mpsc, Semaphore};
@@ -102,6 +102,9 @@ impl Router {
         let permit = inner.inflight.clone().try_acquire_owned().map_err(|_| {
             Error::Overloaded(format!("router has {} requests in flight; retry later", inner.policy.max_inflight))
         })?;
+        if let Some(id) = &ask.request_id {
+            limits::request_id(id)?;
+        }
         let request_id = ask.request_id.clone().filter(|id| !id.is_empty()).unwrap_or_else(|| {
             format!("r{}-{:x}", inner.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u32>())
         });
