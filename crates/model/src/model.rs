@@ -240,7 +240,6 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Linear,
     rope: Rope,
-    format: WeightFormat,
 }
 
 impl Model {
@@ -259,7 +258,7 @@ impl Model {
             (Some(embed.weight().to_vec()), load_linear(&vb.pp("lm_head"), v, h, false)?)
         };
         let rope = Rope::new(&cfg.rope_inv_freq(), cfg.max_position_embeddings, cfg.rope_interleaved);
-        let mut model = Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope, format };
+        let mut model = Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope };
         if format == WeightFormat::Q8Decode {
             model.lm_head.quantize_q8();
             for l in &mut model.layers {
@@ -274,14 +273,6 @@ impl Model {
 
     pub fn config(&self) -> &Config {
         &self.cfg
-    }
-
-    pub fn format(&self) -> WeightFormat {
-        self.format
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
     }
 
     /// Bytes held by the weights.

@@ -73,6 +73,11 @@ impl Drop for Admitted {
 
 type Events = mpsc::Sender<std::result::Result<PrefillResponse, Status>>;
 
+/// State chunks (up to 1 MiB each) encoded ahead of what the decode worker has taken.
+const CHUNKS_AHEAD: usize = 4;
+/// Prefill events (first token, state sent) queued for the router.
+const EVENTS_BUFFER: usize = 4;
+
 /// A PushState call in flight.
 type PushHandle = tokio::task::JoinHandle<std::result::Result<Response<PushStateResponse>, Status>>;
 
@@ -163,7 +168,7 @@ impl PrefillService {
         span: &tracing::Span,
     ) -> Result<(mpsc::Sender<StateChunk>, PushHandle)> {
         let mut client = DecodeClient::new(self.channels.get(addr)?);
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
         let mut req = Request::new(ReceiverStream::new(rx));
         if let Some(t) = timeout {
             req.set_timeout(t);
@@ -353,7 +358,7 @@ impl Prefill for PrefillService {
         span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
         let checked = self.validate(&req)?;
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(EVENTS_BUFFER);
         tokio::spawn(self.clone().run(req, checked, timeout, tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -10,10 +10,10 @@ use crate::error::{Error, Result};
 
 /// How long to wait for a TCP connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings on every connection: a worker cut off the network (no reset, packets just
-/// vanish) is noticed within interval + timeout instead of at the request deadline.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on every connection, both ways: a peer cut off the network (no reset,
+/// packets just vanish) is noticed within interval + timeout instead of at the deadline.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub struct Channels {

@@ -18,6 +18,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::channels::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::config::RegisterArgs;
 use crate::Router;
 
@@ -133,8 +134,8 @@ pub async fn serve(
     // Pings find callers that vanished without a reset (a cut network), so that their
     // streams end and whatever they held is freed.
     let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(2)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(roles.workers)
         .add_service(health)
         .add_service(reflection_v1)

@@ -133,7 +133,6 @@ impl StateEncoder {
     }
 
     /// The first chunk.
-    #[allow(clippy::too_many_arguments)]
     pub fn header(
         &mut self,
         sequence_id: &str,
@@ -259,10 +258,6 @@ impl StateAssembler {
             chunks: 0,
             verified: false,
         }
-    }
-
-    pub fn header(&self) -> Option<&Header> {
-        self.header.as_ref()
     }
 
     /// Bytes held so far (what the store accounts for).

@@ -91,14 +91,6 @@ impl KvBuf {
         }
     }
 
-    /// Row `r` (of `width` elements) as f32.
-    pub fn row_f32(&self, r: usize, width: usize) -> Vec<f32> {
-        match self {
-            Self::F32(v) => v[r * width..(r + 1) * width].to_vec(),
-            Self::F16(v) => v[r * width..(r + 1) * width].iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-
     pub fn as_slice(&self) -> KvSlice<'_> {
         match self {
             Self::F32(v) => KvSlice::F32(v),

@@ -106,9 +106,14 @@ async fn first_token(inner: &Arc<Inner>, job: &Job, events: &Events) -> Result<S
     }
 }
 
-/// Workers of `role` for this router's model, except `exclude`.
+/// Workers of `role` that fit this router, except `exclude`.
 fn candidates(inner: &Inner, role: Role, exclude: &[String]) -> Vec<WorkerInfo> {
-    policy::candidates(&inner.discovery.workers(), role, &inner.meta.name, exclude)
+    let fit = policy::Fit {
+        model: &inner.meta.name,
+        max_context: inner.meta.config.max_position_embeddings as u32,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    policy::candidates(&inner.discovery.workers(), role, fit, exclude)
 }
 
 fn decode_order(inner: &Inner, bytes: u64, exclude: &[String]) -> Result<Vec<WorkerInfo>> {

@@ -31,12 +31,38 @@ pub fn routed_key(role: Role, address: &str) -> String {
     format!("{}/{address}", role.as_str())
 }
 
-/// Workers of `role` that serve `model` (an empty model is a static entry: unknown, taken),
-/// except the `exclude`d addresses.
-pub fn candidates(workers: &[WorkerInfo], role: Role, model: &str, exclude: &[String]) -> Vec<WorkerInfo> {
+/// What a worker must match to take this router's requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Fit<'a> {
+    /// The model id.
+    pub model: &'a str,
+    /// The model's context: a worker that reports another loaded another checkpoint.
+    pub max_context: u32,
+    /// This router's lazyserve version.
+    pub version: &'a str,
+}
+
+/// Whether lazyserve `theirs` speaks the same internal API as `ours`: the same major
+/// version, and the same minor while the major is 0 (semver's rule for 0.x).
+pub fn speaks(theirs: &str, ours: &str) -> bool {
+    let (mut theirs, mut ours) = (theirs.split('.'), ours.split('.'));
+    let major = theirs.next();
+    major == ours.next() && (major != Some("0") || theirs.next() == ours.next())
+}
+
+/// Workers of `role` that `fit` this router, except the `exclude`d addresses. What a
+/// worker does not report (a static entry: no model, context or version) is not held
+/// against it.
+pub fn candidates(workers: &[WorkerInfo], role: Role, fit: Fit, exclude: &[String]) -> Vec<WorkerInfo> {
     workers
         .iter()
-        .filter(|w| w.role == role && (w.model.is_empty() || w.model == model) && !exclude.contains(&w.address))
+        .filter(|w| {
+            w.role == role
+                && (w.model.is_empty() || w.model == fit.model)
+                && (w.max_context == 0 || w.max_context == fit.max_context)
+                && (w.version.is_empty() || speaks(&w.version, fit.version))
+                && !exclude.contains(&w.address)
+        })
         .cloned()
         .collect()
 }
@@ -109,8 +135,10 @@ mod tests {
 
     use super::*;
 
+    const FIT: Fit = Fit { model: "m", max_context: 8192, version: "0.1.0" };
+
     fn worker(role: Role, address: &str, load: Load) -> WorkerInfo {
-        WorkerInfo { model: "m".into(), load, ..WorkerInfo::at(role, address) }
+        WorkerInfo { model: "m".into(), max_context: 8192, version: "0.1.3".into(), load, ..WorkerInfo::at(role, address) }
     }
 
     fn addrs(ws: &[WorkerInfo]) -> Vec<&str> {
@@ -118,18 +146,32 @@ mod tests {
     }
 
     #[test]
-    fn candidates_keep_the_role_the_model_and_skip_excluded() {
-        let mut other = worker(Role::Prefill, "other", Load::default());
-        other.model = "another-model".into();
+    fn candidates_keep_the_role_the_model_the_version_and_skip_excluded() {
+        let with = |address: &str, f: &dyn Fn(&mut WorkerInfo)| {
+            let mut w = worker(Role::Prefill, address, Load::default());
+            f(&mut w);
+            w
+        };
         let workers = vec![
             worker(Role::Prefill, "p1", Load::default()),
             worker(Role::Decode, "d1", Load::default()),
-            other,
+            with("other-model", &|w| w.model = "another-model".into()),
+            with("other-checkpoint", &|w| w.max_context = 2048),
+            with("newer", &|w| w.version = "0.2.0".into()),
             WorkerInfo::at(Role::Prefill, "static"),
             worker(Role::Prefill, "p2", Load::default()),
         ];
-        let got = candidates(&workers, Role::Prefill, "m", &["p2".to_string()]);
+        let got = candidates(&workers, Role::Prefill, FIT, &["p2".to_string()]);
         assert_eq!(addrs(&got), ["p1", "static"]);
+    }
+
+    #[test]
+    fn versions_speak_alike_within_a_minor_while_0_x() {
+        assert!(speaks("0.1.7", "0.1.0"));
+        assert!(!speaks("0.2.0", "0.1.0"));
+        assert!(speaks("1.4.0", "1.0.2"));
+        assert!(!speaks("2.0.0", "1.9.9"));
+        assert!(!speaks("garbage", "0.1.0"));
     }
 
     #[test]
@@ -197,12 +239,12 @@ mod tests {
         // The retry goes to the next worker in order, never to the one that failed.
         let mut rng = StdRng::seed_from_u64(5);
         let workers = vec![worker(Role::Prefill, "p1", Load::default()), worker(Role::Prefill, "p2", Load { queued_prompt_tokens: 10, ..Load::default() })];
-        let first = prefill_order(candidates(&workers, Role::Prefill, "m", &[]), &RoutedMap::new(), "m", &mut rng).unwrap();
+        let first = prefill_order(candidates(&workers, Role::Prefill, FIT, &[]), &RoutedMap::new(), "m", &mut rng).unwrap();
         assert_eq!(first[0].address, "p1");
         let tried = vec![first[0].address.clone()];
-        let second = prefill_order(candidates(&workers, Role::Prefill, "m", &tried), &RoutedMap::new(), "m", &mut rng).unwrap();
+        let second = prefill_order(candidates(&workers, Role::Prefill, FIT, &tried), &RoutedMap::new(), "m", &mut rng).unwrap();
         assert_eq!(addrs(&second), ["p2"]);
-        let gone = prefill_order(candidates(&workers[..1], Role::Prefill, "m", &tried), &RoutedMap::new(), "m", &mut rng);
+        let gone = prefill_order(candidates(&workers[..1], Role::Prefill, FIT, &tried), &RoutedMap::new(), "m", &mut rng);
         assert!(gone.is_err(), "no other worker: the request fails");
     }
 
