@@ -30,8 +30,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How load reports are spaced.
+/// How often the load is looked at; it is written only when it changed (see [`should_report`]).
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A change of the served count alone is written at most this often: it is for operators,
+/// routing does not read it.
+const SERVED_EVERY: Duration = Duration::from_secs(10);
 /// Retry pacing while etcd is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -97,11 +100,20 @@ impl EtcdOptions {
     }
 }
 
-/// Doubles a retry delay up to the cap.
+/// Doubles a retry delay up to the cap; the delay returned is drawn from its upper half, so
+/// that a fleet cut off at once does not come back in lockstep.
 fn backoff(d: &mut Duration) -> Duration {
     let now = *d;
     *d = (*d * 2).min(RETRY_MAX);
-    now
+    now.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+/// Whether a worker writes its load: when what routers route by changed, or when only the
+/// served count did and the last write is [`SERVED_EVERY`] old. An idle worker writes
+/// nothing; its lease says it is alive.
+fn should_report(last: &Load, now: &Load, since_last: Duration) -> bool {
+    let routing = |l: &Load| Load { served: 0, ..l.clone() };
+    routing(last) != routing(now) || (last.served != now.served && since_last >= SERVED_EVERY)
 }
 
 /// Workers found in etcd, kept current by a background task.
@@ -273,6 +285,7 @@ async fn register_loop(
             let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
             let mut keep_tick = tokio::time::interval(Duration::from_millis((ttl.as_millis() as u64 / 2).max(100)));
             let mut report_tick = tokio::time::interval(REPORT_EVERY);
+            let mut reported_at = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stopped.changed() => return Ok(()),
@@ -285,9 +298,13 @@ async fn register_loop(
                         }
                     },
                     _ = report_tick.tick() => {
-                        info.load = load();
-                        let value = serde_json::to_vec(&info).expect("worker info serializes");
-                        client.put(key.as_str(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                        let now = load();
+                        if should_report(&info.load, &now, reported_at.elapsed()) {
+                            info.load = now;
+                            let value = serde_json::to_vec(&info).expect("worker info serializes");
+                            client.put(key.as_str(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                            reported_at = tokio::time::Instant::now();
+                        }
                     }
                 }
             }
@@ -309,5 +326,38 @@ async fn register_loop(
             _ = stopped.changed() => {}
             _ = tokio::time::sleep(backoff(&mut delay)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_workers_write_nothing_and_served_counts_wait() {
+        let idle = Load { served: 7, ..Load::default() };
+        let second = Duration::from_secs(1);
+        assert!(!should_report(&idle, &idle, Duration::from_secs(3600)), "nothing changed: no write");
+        let busier = Load { inflight: 1, queued_prompt_tokens: 2048, ..idle.clone() };
+        assert!(should_report(&idle, &busier, second), "routers route by this: written at once");
+        let served = Load { served: 8, ..idle.clone() };
+        assert!(!should_report(&idle, &served, second), "the served count alone waits");
+        assert!(should_report(&idle, &served, SERVED_EVERY));
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut d = RETRY_MIN;
+        let mut caps = Vec::new();
+        for _ in 0..6 {
+            let cap = d;
+            let got = backoff(&mut d);
+            assert!(got >= cap / 2 && got <= cap, "{got:?} not in [{:?}, {cap:?}]", cap / 2);
+            caps.push(cap);
+        }
+        assert_eq!(caps[..4], [RETRY_MIN, RETRY_MIN * 2, RETRY_MIN * 4, RETRY_MAX]);
+        assert_eq!(d, RETRY_MAX);
+        let draws: std::collections::HashSet<Duration> = (0..16).map(|_| backoff(&mut d)).collect();
+        assert!(draws.len() > 1, "the delay is not the same for every worker");
     }
 }

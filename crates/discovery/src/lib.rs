@@ -26,7 +26,7 @@ impl Role {
     }
 }
 
-/// A worker's load, reported at least every second.
+/// A worker's load, written to etcd when it changes (looked at every second).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Load {

@@ -216,7 +216,7 @@ impl Metrics {
             "/metrics",
             axum::routing::get(move || {
                 let m = metrics.clone();
-                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+                async move { ([(axum::http::header::CONTENT_TYPE, TextEncoder::new().format_type().to_string())], m.render()) }
             }),
         );
         tokio::spawn(async move {
