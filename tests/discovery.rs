@@ -116,19 +116,16 @@ async fn workers_join_and_leave_the_router_set() -> Result<()> {
     // SIGKILL: the lease runs out.
     let killed = Instant::now();
     decode.child.kill()?;
-    let gone = until_set(&router, Duration::from_secs(TTL_SECS + 2), |_, d| !d.contains(&da)).await?;
+    until_set(&router, Duration::from_secs(TTL_SECS + 2), |_, d| !d.contains(&da)).await?;
     println!("killed decode worker left after {:?}", killed.elapsed());
-    assert!(gone <= Duration::from_secs(TTL_SECS + 2));
 
     // SIGTERM: the drain revokes the lease, so the worker leaves at once, and exits 0.
     prefill.terminate();
     until_set(&router, Duration::from_millis(1500), |p, _| !p.contains(&pa)).await?;
     let status = tokio::task::spawn_blocking(move || prefill.child.wait()).await??;
     assert!(status.success(), "drained worker exit: {status}");
-    // No workers: a clear UNAVAILABLE, at once.
-    let start = Instant::now();
+    // No workers: a clear UNAVAILABLE at once, not DEADLINE_EXCEEDED after waiting for one.
     assert_eq!(call(router.url(), "Hello".into(), 2).await.err(), Some(Code::Unavailable));
-    assert!(start.elapsed() < Duration::from_secs(2));
     Ok(())
 }
 

@@ -65,19 +65,31 @@ fn tiny_model_matches_reference_with_pruning_and_revival() -> Result<()> {
 fn tiny_model_static_and_random_baselines_run() -> Result<()> {
     let model = tiny_model();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 101).collect();
-    for spec in ["static:1:0.5", "random:1:0.6,3:0.5"] {
+    // Runs a prompt and six decode steps; the positions kept at each layer after prefill.
+    let run = |spec: &str, seed: u64| -> Result<(SequenceState, Vec<Vec<u32>>)> {
         let schedule = Schedule::parse(spec, model.config().num_hidden_layers)?;
-        let mut state = SequenceState::new(model.config(), schedule, KvDtype::F32, 7);
+        let mut state = SequenceState::new(model.config(), schedule, KvDtype::F32, seed);
         let mut next = argmax(&lazy::step(&model, &mut state, &prompt)?);
+        let kept = state.layers.iter().map(|l| l.kv.positions.clone()).collect();
         for _ in 0..6 {
             next = argmax(&lazy::step(&model, &mut state, &[next])?);
         }
         check_counters(&state);
-        if spec.starts_with("static") {
-            assert_eq!(state.stats.revived, 0, "static pruning never revives");
-            assert_eq!(state.aux_bytes(), 0);
-        }
-    }
+        Ok((state, kept))
+    };
+    let (fixed, _) = run("static:1:0.5", 7)?;
+    assert_eq!(fixed.stats.revived, 0, "static pruning never revives");
+    assert_eq!(fixed.aux_bytes(), 0, "static pruning keeps no Aux Cache");
+
+    // Random selection: the same budget as attention's, other tokens, the same for a seed.
+    let (_, attention) = run("1:0.6,3:0.5", 7)?;
+    let (_, random) = run("random:1:0.6,3:0.5", 7)?;
+    let (_, again) = run("random:1:0.6,3:0.5", 7)?;
+    let (_, reseeded) = run("random:1:0.6,3:0.5", 8)?;
+    assert_eq!(random, again, "reproducible from the seed");
+    assert_ne!(random, reseeded, "another seed, another selection");
+    assert_ne!(random[2], attention[2], "not attention's selection");
+    assert_eq!(random[2].len(), attention[2].len(), "the same budget");
     Ok(())
 }
 

@@ -177,7 +177,9 @@ async fn one_trace_spans_router_prefill_and_decode() -> Result<()> {
     }
     let Some(Value::DoubleValue(ttft_ms)) = root.attrs.get("lazyserve.ttft_ms") else { panic!("no TTFT attribute") };
     let client_ms = ttft.as_secs_f64() * 1e3;
-    assert!((ttft_ms - client_ms).abs() < 50.0, "TTFT attribute {ttft_ms} ms, client saw {client_ms} ms");
+    // The router measures from the request's arrival to the first token's send, inside the
+    // client's own interval.
+    assert!(*ttft_ms > 0.0 && *ttft_ms <= client_ms, "TTFT attribute {ttft_ms} ms, client saw {client_ms} ms");
 
     // Parent links: router -> prefill worker -> decode worker (state), router -> decode worker.
     let router_prefill = find("lazyserve-router", "prefill");
@@ -299,8 +301,43 @@ fn metrics_addr(p: &Proc) -> String {
 async fn a_missing_collector_does_not_break_serving() -> Result<()> {
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", free_port()))];
     let (_decode, _prefill, router) = three(&env, &[]).await;
-    for prompt in [long_prompt(), "Say hi:".to_string()] {
-        generate(&router, &prompt, None).await?;
+    let (_d, _p, plain) = three(&[], &[]).await;
+    // The same tokens as in-process, and no export timeout (3 s) in any request's way: the
+    // requests take about as long as on services with no endpoint, called in turn.
+    let (mut dead, mut none) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for prompt in [long_prompt(), "Say hi:".to_string()] {
+            let want = lazyserve_tests::in_process(&prompt, 6, "off");
+            let (a, b) = if round % 2 == 0 {
+                (tokens(&router, &prompt).await?, tokens(&plain, &prompt).await?)
+            } else {
+                let b = tokens(&plain, &prompt).await?;
+                (tokens(&router, &prompt).await?, b)
+            };
+            assert_eq!(a.0, want, "{prompt}");
+            assert_eq!(b.0, want, "{prompt}");
+            dead.push(a.1.as_secs_f64());
+            none.push(b.1.as_secs_f64());
+        }
     }
+    let (dead, none): (f64, f64) = (dead.iter().sum(), none.iter().sum());
+    assert!(dead < 3.0 * none, "{dead:.2} s with a dead endpoint, {none:.2} s with none");
     Ok(())
+}
+
+/// Token ids and wall time of a greedy Generate call.
+async fn tokens(router: &Proc, prompt: &str) -> Result<(Vec<u32>, Duration)> {
+    let mut client = GenerationClient::connect(router.url()).await?;
+    let start = Instant::now();
+    let req = GenerateRequest { input: Some(Input::Prompt(prompt.into())), max_tokens: 6, ..Default::default() };
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = stream.message().await? {
+        match m.event {
+            Some(Event::Chunk(c)) => ids.extend(c.token_ids),
+            Some(Event::Error(e)) => anyhow::bail!("stream error {e:?}"),
+            _ => {}
+        }
+    }
+    Ok((ids, start.elapsed()))
 }
