@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lazyserve_proto::v1::decode_client::DecodeClient;
@@ -15,10 +16,14 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::{binary, model_path};
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now (for addresses that must not answer, and for
+/// servers that cannot report the port they bound; the service binaries bind port 0).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
+
+/// `--listen` for a server that picks its own port.
+const ANY_PORT: &str = "127.0.0.1:0";
 
 /// One service process; killed on drop.
 pub struct Proc {
@@ -30,19 +35,21 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `bin` with `--listen` on a free port plus `args`, logging to a temp file.
+    /// Starts `bin` with `--listen` on port 0 plus `args`, logging to a temp file, and
+    /// returns once it has bound its port (the address it logs). Binding port 0 leaves no
+    /// window in which another test could take a port picked for it.
     pub fn spawn(bin: &str, args: &[&str]) -> Self {
         Self::spawn_sub(bin, &[], args)
     }
 
     /// [`Proc::spawn`] with a subcommand (`lazyserve serve`) before the flags.
     pub fn spawn_sub(bin: &str, subcommand: &[&str], args: &[&str]) -> Self {
-        Self::spawn_at(bin, subcommand, &format!("127.0.0.1:{}", free_port()), args)
+        Self::spawn_at(bin, subcommand, ANY_PORT, args)
     }
 
     /// [`Proc::spawn`] with extra environment variables.
     pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
-        Self::start(bin, &[], &format!("127.0.0.1:{}", free_port()), args, env)
+        Self::start(bin, &[], ANY_PORT, args, env)
     }
 
     /// Starts `bin` listening on `addr` (a restart at the same address).
@@ -51,13 +58,14 @@ impl Proc {
     }
 
     fn start(bin: &str, subcommand: &[&str], addr: &str, args: &[&str], env: &[(&str, String)]) -> Self {
-        let addr = addr.to_string();
-        let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{}.log", std::process::id(), addr.replace(':', "_")));
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{n}.log", std::process::id()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary(bin))
             .args(subcommand)
             .arg("--listen")
-            .arg(&addr)
+            .arg(addr)
             .args(args)
             .env("LAZYSERVE_MODEL", model_path())
             .env("RUST_LOG", "info")
@@ -68,7 +76,29 @@ impl Proc {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-        Self { child, addr, log, args: args.iter().map(|a| a.to_string()).collect() }
+        let mut proc = Self { child, addr: addr.to_string(), log, args: args.iter().map(|a| a.to_string()).collect() };
+        if addr == ANY_PORT {
+            proc.addr = proc.bound();
+        }
+        proc
+    }
+
+    /// The address in the line a server logs once it has bound its port; panics with the
+    /// log if the process exits first.
+    fn bound(&mut self) -> String {
+        const SERVING: &str = "serving addr=";
+        let start = Instant::now();
+        loop {
+            let log = self.log_text();
+            if let Some(at) = log.find(SERVING) {
+                return log[at + SERVING.len()..].split_whitespace().next().unwrap_or_default().to_string();
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("{:?} exited with {status} before serving:\n{log}", self.log);
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{:?} not serving after 120 s:\n{log}", self.log);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self) -> String {
