@@ -56,9 +56,9 @@ pub struct Job {
 
 impl Job {
     /// Checks, templates and tokenizes `ask` (CPU work: call it off the async threads).
-    /// `timeout` is the caller's deadline, capped by the router's.
-    pub fn new(ask: Ask, meta: &ModelMeta, policy: &RouterPolicy, request_id: String, timeout: Option<Duration>) -> Result<Self> {
-        let start = Instant::now();
+    /// `start` is when the request arrived; `timeout`, the caller's deadline from then,
+    /// capped by the router's.
+    pub fn new(ask: Ask, meta: &ModelMeta, policy: &RouterPolicy, request_id: String, start: Instant, timeout: Option<Duration>) -> Result<Self> {
         if let Some(model) = ask.model.as_deref().filter(|m| !m.is_empty() && *m != meta.name) {
             return Err(Error::UnknownModel(format!("unknown model {model:?}; this router serves {:?}", meta.name)));
         }
@@ -87,7 +87,7 @@ impl Job {
         let prune = ask.prune.unwrap_or_else(|| default_prune(prompt_ids.len(), policy));
         Schedule::parse(&prune, meta.config.num_hidden_layers)?;
         let limit = Duration::from_secs(policy.request_timeout_secs);
-        let deadline = tokio::time::Instant::now() + timeout.map_or(limit, |t| t.min(limit));
+        let deadline = tokio::time::Instant::from_std(start) + timeout.map_or(limit, |t| t.min(limit));
         let cfg = &meta.config;
         let state_bytes = (prompt_ids.len() * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2) as u64;
         Ok(Self { request_id, prompt_ids, max_tokens, stop: ask.stop, sampling, prune, start, deadline, state_bytes, operation })

@@ -14,7 +14,7 @@ mod relay;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lazyserve_discovery::Discovery;
 use lazyserve_request::{limits, ModelMeta, Schedule};
@@ -98,6 +98,7 @@ impl Router {
     /// blocking thread), then runs it in the background. `timeout` is the caller's
     /// deadline; `trace` may carry the caller's W3C trace context.
     pub async fn submit(&self, ask: Ask, timeout: Option<Duration>, trace: &MetadataMap) -> Result<Submitted> {
+        let arrived = Instant::now();
         let inner = &self.inner;
         let permit = inner.inflight.clone().try_acquire_owned().map_err(|_| {
             Error::Overloaded(format!("router has {} requests in flight; retry later", inner.policy.max_inflight))
@@ -109,7 +110,7 @@ impl Router {
             format!("r{}-{:x}", inner.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u32>())
         });
         let owner = self.inner.clone();
-        let job = tokio::task::spawn_blocking(move || job::Job::new(ask, &owner.meta, &owner.policy, request_id, timeout))
+        let job = tokio::task::spawn_blocking(move || job::Job::new(ask, &owner.meta, &owner.policy, request_id, arrived, timeout))
             .await
             .map_err(|_| Error::Internal("tokenizing panicked"))??;
         let model = &inner.meta.name;
