@@ -4,7 +4,6 @@
 //! prints the client-side TTFT of both, their ratio, and the median of the ratios of the
 //! pairs run back to back (robust to the machine's drift).
 
-use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -12,6 +11,7 @@ use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::bench_load::start_serve;
 use crate::bench_serve::{connect, free_addr, remote};
 
 #[derive(Args, Debug)]
@@ -28,15 +28,6 @@ pub struct BenchHttpArgs {
     /// Pruning preset or spec of every request.
     #[arg(long, default_value = "off")]
     prune: String,
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A prompt of at least `tokens` tokens.
@@ -86,16 +77,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 pub fn run(args: BenchHttpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let text = prompt(&args.model, args.tokens)?;
-    let (grpc_addr, http_addr) = (free_addr()?, free_addr()?);
-    let exe = std::env::current_exe()?;
-    let serve = Command::new(&exe)
-        .args(["serve", "--listen", &grpc_addr, "--http-listen", &http_addr, "--model"])
-        .arg(&args.model)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} serve", exe.display()))?;
-    let _serve = Killed(serve);
+    let http_addr = free_addr()?;
+    let (_serve, grpc_addr) = start_serve(&args.model, &["--http-listen".to_string(), http_addr.clone()])?;
     let body = serde_json::json!({ "prompt": text, "max_tokens": 1, "temperature": 0, "stream": true, "prune": args.prune }).to_string();
     let rt = tokio::runtime::Runtime::new()?;
     let (grpc, http_ttft) = rt.block_on(async {

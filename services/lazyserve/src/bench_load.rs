@@ -83,7 +83,8 @@ impl Sample {
 }
 
 /// `lazyserve serve`, killed on drop.
-struct Server(Child);
+/// A `lazyserve serve` child process, killed on drop.
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -244,12 +245,16 @@ async fn interference(
     Ok(([mean(&itl), percentile(&mut itl, 0.5), percentile(&mut itl, 0.99)], injected))
 }
 
-fn start_server(args: &BenchLoadArgs) -> anyhow::Result<(Server, String)> {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+/// Starts `lazyserve serve` for `model` with `args` on a free gRPC address (returned); the
+/// HTTP API goes to a port of its own unless `args` name one.
+pub(crate) fn start_serve(model: &std::path::Path, args: &[String]) -> anyhow::Result<(Server, String)> {
+    let addr = crate::bench_serve::free_addr()?;
+    let own_http = args.iter().any(|a| a.starts_with("--http-listen"));
     let child = Command::new(std::env::current_exe()?)
         .args(["serve", "--listen", &addr, "--model"])
-        .arg(&args.model)
-        .args(&args.serve_args)
+        .arg(model)
+        .args(if own_http { &[][..] } else { &["--http-listen", "127.0.0.1:0"][..] })
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -283,7 +288,7 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
     let (server, addr) = match &args.target {
         Some(a) => (None, a.clone()),
         None => {
-            let (s, a) = start_server(&args)?;
+            let (s, a) = start_serve(&args.model, &args.serve_args)?;
             (Some(s), a)
         }
     };
