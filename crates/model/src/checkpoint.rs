@@ -23,10 +23,8 @@ pub enum Checkpoint {
 }
 
 impl Checkpoint {
+    /// Opens `path`; `load_meta` has refused a missing one with a clear error already.
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::NotFound(path.to_path_buf()));
-        }
         if path.is_dir() {
             return Ok(Self::HfFolder { dir: path.to_path_buf() });
         }

@@ -3,8 +3,6 @@ use std::path::PathBuf;
 /// Errors of checkpoint loading and the forward pass.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("model file not found: {0}")]
-    NotFound(PathBuf),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

@@ -55,12 +55,12 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl std::fu
 
 async fn completions(State(router): State<Router>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let (ask, options) = parse::<CompletionRequest>(&body)?.into_ask(request_id(&headers))?;
-    respond(&router, ask, options, Kind::Text, &headers).await
+    respond(&router, ask, options, Kind::Text, headers).await
 }
 
 async fn chat(State(router): State<Router>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let (ask, options) = parse::<ChatRequest>(&body)?.into_ask(request_id(&headers))?;
-    respond(&router, ask, options, Kind::Chat, &headers).await
+    respond(&router, ask, options, Kind::Chat, headers).await
 }
 
 fn model_entry(router: &Router) -> Value {
@@ -154,8 +154,8 @@ impl Reply {
 
 /// Runs a request and answers it whole or as a stream. The status is settled by the first
 /// event, so that a request that fails before its first token gets a fitting HTTP code.
-async fn respond(router: &Router, ask: Ask, options: Options, kind: Kind, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let trace = MetadataMap::from_headers(headers.clone());
+async fn respond(router: &Router, ask: Ask, options: Options, kind: Kind, headers: HeaderMap) -> Result<Response, ApiError> {
+    let trace = MetadataMap::from_headers(headers);
     let mut submitted = router.submit(ask, None, &trace).await?;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
