@@ -131,11 +131,13 @@ fn long_prompt() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_spans_router_prefill_and_decode() -> Result<()> {
     let collector = Collector::default();
-    let port = free_port();
+    // Bound here, on a port of the system's choosing: no other process can take it first.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
     let server = tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(collector.clone()))
         .add_service(MetricsServiceServer::new(collector.clone()))
-        .serve(format!("127.0.0.1:{port}").parse()?);
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}")), ("OTEL_BSP_SCHEDULE_DELAY", "100".into())];
     let (_decode, _prefill, router) = three(&env, &[]).await;
