@@ -1,10 +1,13 @@
-//! The Kubernetes manifests under k8s/: every kustomization renders with `kubectl kustomize`
-//! and validates against the Kubernetes 1.30 schemas (tests/k8s/validate.sh), and the dev
+//! The Kubernetes manifests under k8s/: every kustomization renders with `kubectl kustomize`,
+//! validates against the Kubernetes 1.30 schemas and passes the cross-object checks of
+//! tests/k8s/check_manifests.py (tests/k8s/validate.sh; in the TLS overlays every lazyserve
+//! container reads its certificate from a mounted Secret and is probed on the plaintext
+//! health port, and validate.sh checks that those checks catch broken set-ups), and the dev
 //! overlay's pods, run as local processes with exactly the manifests' commands, args and
 //! env, serve a Generate call and the same greedy completion on the router's OpenAI HTTP
-//! port (tests/k8s/smoke.py). Needs kubectl (Debian:
-//! kubernetes-client), etcd (etcd-server) and python3 with venv; the Python packages go in
-//! .venv-k8s, made from tests/k8s/requirements.txt when missing.
+//! port (tests/k8s/smoke.py). Needs kubectl (Debian: kubernetes-client), etcd (etcd-server)
+//! and python3 with venv; the Python packages go in .venv-k8s, made from
+//! tests/k8s/requirements.txt when missing.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

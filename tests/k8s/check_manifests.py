@@ -13,7 +13,13 @@ Prints one line per problem and exits 1 if there is any. What it checks:
 - HPAs and PDBs point at existing workloads, minReplicas <= maxReplicas;
 - ConfigMaps, ServiceAccounts and volumes that pods name exist; volume mounts name volumes;
 - terminationGracePeriodSeconds leaves room for the preStop hook and --grace-period-secs;
-- image names are plain (no registry host: overlays retarget them with `images:`).
+- image names are plain (no registry host: overlays retarget them with `images:`);
+- TLS (overlays/tls): all lazyserve containers or none have LAZYSERVE_TLS_CERT, _KEY and
+  _CA, in a mounted Secret volume; callers (router, prefill) have LAZYSERVE_TLS_SERVER_NAME;
+  the gRPC probes (no TLS in the kubelet) go to the plaintext LAZYSERVE_HEALTH_LISTEN port;
+- cert-manager (overlays/cert-manager): Issuers that Certificates name exist, a CA Issuer's
+  Secret is a CA Certificate's, and the Certificate behind the mounted Secret has server and
+  client auth and names every LAZYSERVE_TLS_SERVER_NAME and the router's Service.
 """
 
 import re
@@ -28,6 +34,10 @@ WITH_COMPONENT = {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget",
 WORKLOADS = {"Deployment", "StatefulSet"}
 # Ports clients reach, by component: container port name -> number.
 PUBLIC_PORTS = {"router": {"grpc": 50051, "http": 8000}}
+# The lazyserve processes, and those that dial workers (their TLS clients check a name).
+SERVING = {"router", "prefill", "decode"}
+CALLERS = {"router", "prefill"}
+TLS_FILES = ("LAZYSERVE_TLS_CERT", "LAZYSERVE_TLS_KEY", "LAZYSERVE_TLS_CA")
 
 problems = []
 
@@ -69,20 +79,24 @@ def container_ports(pod_spec):
     return ports
 
 
+def container_env(container, config):
+    """A container's environment: envFrom ConfigMaps, then env (which wins); None for valueFrom."""
+    env = {}
+    for ef in container.get("envFrom", []):
+        env.update(config.get((ef.get("configMapRef") or {}).get("name"), {}))
+    for e in container.get("env", []):
+        env[e["name"]] = e.get("value")
+    return env
+
+
 def grace_period_flag(container, config):
     """The --grace-period-secs a container runs with (flag, env, envFrom, or the default 30)."""
     for a in container.get("args", []) + container.get("command", []):
         m = re.fullmatch(r"--grace-period-secs=(\d+)", a)
         if m:
             return int(m.group(1))
-    for e in container.get("env", []):
-        if e["name"] == "LAZYSERVE_GRACE_PERIOD_SECS" and "value" in e:
-            return int(e["value"])
-    for ef in container.get("envFrom", []):
-        cm = config.get((ef.get("configMapRef") or {}).get("name"), {})
-        if "LAZYSERVE_GRACE_PERIOD_SECS" in cm:
-            return int(cm["LAZYSERVE_GRACE_PERIOD_SECS"])
-    return 30
+    value = container_env(container, config).get("LAZYSERVE_GRACE_PERIOD_SECS")
+    return int(value) if value is not None else 30
 
 
 def pre_stop_seconds(container):
@@ -93,6 +107,99 @@ def pre_stop_seconds(container):
     if "sleep" in handler:
         return int(handler["sleep"]["seconds"])
     return 0
+
+
+def lazyserve_containers(workloads):
+    """(workload, component, container) of every router, prefill and decode process."""
+    for w in workloads:
+        comp = (w["spec"]["template"]["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+        if comp in SERVING:
+            for c in w["spec"]["template"]["spec"].get("containers", []):
+                yield w, comp, c
+
+
+def port_of(address):
+    m = re.fullmatch(r".*:(\d+)", address or "")
+    return int(m.group(1)) if m else None
+
+
+def check_tls(workloads, config):
+    """All or none on TLS; TLS files in a mounted Secret; probes on the plaintext health port.
+
+    Returns the server names callers check and the Secrets the TLS files come from."""
+    server_names, secrets = set(), set()
+    procs = list(lazyserve_containers(workloads))
+    on = [(w, comp, c) for w, comp, c in procs if "LAZYSERVE_TLS_CERT" in container_env(c, config)]
+    if on and len(on) != len(procs):
+        off = sorted({f"{w['metadata']['name']}/{c['name']}" for w, _, c in procs if (w, _, c) not in on})
+        for w, _, _ in on[:1]:
+            problem(w, f"TLS on here but not in {off}: TLS callers cannot reach plaintext workers")
+    for w, comp, c in on:
+        where = f"container {c['name']}"
+        env = container_env(c, config)
+        pod = w["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for var in TLS_FILES:
+            path = env.get(var)
+            if not path:
+                problem(w, f"{where}: TLS on without {var}")
+                continue
+            mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            secret = [volumes[m["name"]]["secret"]["secretName"] for m in mounts
+                      if "secret" in volumes.get(m["name"], {}) and "subPath" not in m]
+            if not secret:
+                problem(w, f"{where}: {var}={path} is in no Secret volume mounted as a directory (subPath never updates)")
+            secrets.update(secret)
+        if comp in CALLERS:
+            if not env.get("LAZYSERVE_TLS_SERVER_NAME"):
+                problem(w, f"{where}: no LAZYSERVE_TLS_SERVER_NAME: workers register pod IPs, which no certificate names")
+            else:
+                server_names.add(env["LAZYSERVE_TLS_SERVER_NAME"])
+        health = port_of(env.get("LAZYSERVE_HEALTH_LISTEN"))
+        if health is None:
+            problem(w, f"{where}: TLS on without LAZYSERVE_HEALTH_LISTEN: the kubelet's gRPC probe cannot speak TLS")
+        elif health not in container_ports(pod):
+            problem(w, f"{where}: health port {health} is not a container port")
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = (c.get(kind) or {}).get("grpc")
+            if probe and probe["port"] != health:
+                problem(w, f"{where}: {kind} gRPC port {probe['port']} is not the plaintext health port {health}")
+    return server_names, secrets
+
+
+def check_cert_manager(by_kind, names, server_names, secrets):
+    """Certificates name existing Issuers; the mounted Secret's Certificate fits mutual TLS."""
+    certs = by_kind.get("Certificate", [])
+    ca_secrets = {c["spec"]["secretName"] for c in certs if c["spec"].get("isCA")}
+    for issuer in by_kind.get("Issuer", []):
+        ca = (issuer["spec"].get("ca") or {}).get("secretName")
+        if ca and ca not in ca_secrets and ("Secret", ca) not in names:
+            problem(issuer, f"CA Secret {ca} is neither a CA Certificate's nor in the manifests")
+    for cert in certs:
+        ref = cert["spec"]["issuerRef"]
+        if ref.get("kind", "Issuer") == "Issuer" and ("Issuer", ref["name"]) not in names:
+            problem(cert, f"issuerRef Issuer/{ref['name']} does not exist")
+    if not certs:
+        return
+    services = [s["metadata"]["name"] for s in by_kind.get("Service", [])
+                if (s["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "router"]
+    for secret in secrets:
+        issued = [c for c in certs if c["spec"]["secretName"] == secret]
+        if not issued:
+            if ("Secret", secret) not in names:
+                problems.append(f"Secret/{secret}: mounted for TLS, but no Certificate issues it")
+            continue
+        for cert in issued:
+            usages = set(cert["spec"].get("usages") or [])
+            for want in ("server auth", "client auth"):
+                if want not in usages:
+                    problem(cert, f"usages lack {want!r}: every pod is a TLS server and a TLS client")
+            dns = set(cert["spec"].get("dnsNames") or [])
+            for n in sorted(server_names - dns):
+                problem(cert, f"dnsNames lack {n}, the LAZYSERVE_TLS_SERVER_NAME callers check")
+            for n in services:
+                if n not in dns:
+                    problem(cert, f"dnsNames lack the router Service {n}")
 
 
 def main(path, name=None):
@@ -245,6 +352,9 @@ def main(path, name=None):
             for s in matched:
                 if ep["port"] not in [p.get("name") for p in s["spec"]["ports"]]:
                     problem(sm, f"Service {s['metadata']['name']} has no port named {ep['port']}")
+
+    server_names, secrets = check_tls(workloads, config)
+    check_cert_manager(by_kind, names, server_names, secrets)
 
     for p in problems:
         print(f"ERROR {name}: {p}")

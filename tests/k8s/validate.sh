@@ -15,7 +15,7 @@ kubectl=${KUBECTL:-kubectl}
 venv=$root/.venv-k8s
 k8s_version=1.30.0
 # CRDs: no schema in kubernetes-validate; checked by check_manifests.py only.
-skip_kinds=(ServiceMonitor)
+skip_kinds=(ServiceMonitor Issuer Certificate)
 
 if ! command -v "$kubectl" >/dev/null; then
   echo "FAIL: $kubectl not found (apt-get install kubernetes-client)" >&2
@@ -53,7 +53,7 @@ dirs=("$root/k8s/base")
 for d in "$root"/k8s/overlays/*/; do
   dirs+=("${d%/}")
 done
-for want in dev gpu observability custom-metrics; do
+for want in dev gpu observability custom-metrics tls cert-manager; do
   [ -d "$root/k8s/overlays/$want" ] || failed+=("overlay $want is missing")
 done
 
@@ -101,6 +101,48 @@ PY
     failed+=("$name: cross-checks failed")
   fi
 done
+
+# The TLS cross-checks must catch a broken TLS set-up, or their pass above means nothing:
+# each mutation of the cert-manager render must fail them.
+if [ -f "$out/k8s_overlays_cert-manager.yaml" ] && ! "$venv/bin/python" - "$out/k8s_overlays_cert-manager.yaml" \
+    "$root/tests/k8s/check_manifests.py" <<'PY'
+import subprocess, sys, yaml
+src, checker = sys.argv[1], sys.argv[2]
+
+def container(docs, role):
+    d = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"lazyserve-{role}")
+    return d["spec"]["template"]["spec"]["containers"][0]
+
+def plain_decode(docs):  # one pool without TLS: callers with TLS cannot reach it
+    container(docs, "decode")["envFrom"] = []
+def tls_probe(docs):  # the kubelet's gRPC probe on the TLS port
+    container(docs, "prefill")["readinessProbe"]["grpc"]["port"] = 50052
+def sub_path(docs):  # a mount that never sees a renewed certificate
+    m = next(m for m in container(docs, "router")["volumeMounts"] if m["name"] == "tls")
+    m["mountPath"], m["subPath"] = "/etc/lazyserve/tls/tls.crt", "tls.crt"
+def no_client_auth(docs):
+    cert = next(d for d in docs if d["kind"] == "Certificate" and d["metadata"]["name"] == "lazyserve-tls")
+    cert["spec"]["usages"].remove("client auth")
+def name_not_in_cert(docs):
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "LAZYSERVE_TLS_SERVER_NAME" in (d.get("data") or {}))
+    cm["data"]["LAZYSERVE_TLS_SERVER_NAME"] = "somewhere-else"
+
+mutations = (plain_decode, tls_probe, sub_path, no_client_auth, name_not_in_cert)
+missed = []
+for mutate in mutations:
+    docs = [d for d in yaml.safe_load_all(open(src)) if d]
+    mutate(docs)
+    path = f"{src}.{mutate.__name__}"
+    yaml.safe_dump_all(docs, open(path, "w"))
+    if subprocess.run([sys.executable, checker, path, mutate.__name__], capture_output=True).returncode == 0:
+        missed.append(mutate.__name__)
+print(f"TLS cross-checks: {len(mutations) - len(missed)} of {len(mutations)} broken set-ups caught"
+      + (f", missed {missed}" if missed else ""))
+sys.exit(1 if missed else 0)
+PY
+then
+  failed+=("the TLS cross-checks pass a broken TLS set-up")
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'FAIL: %s\n' "${failed[@]}" >&2
