@@ -11,6 +11,11 @@ pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 /// Bytes of a caller's request id.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Bytes of a sequence id between services (the router's: request id, dash, 16 hex digits).
+pub const MAX_SEQUENCE_ID_BYTES: usize = 256;
+/// Messages in one chat request (the template runs over all of them before the prompt's
+/// length is known).
+pub const MAX_CHAT_MESSAGES: usize = 1024;
 
 /// `max_tokens`, in `1..=MAX_NEW_TOKENS`.
 pub fn max_tokens(n: usize) -> Result<usize> {
@@ -43,6 +48,32 @@ pub fn request_id(id: &str) -> Result<()> {
     }
     if id.chars().any(char::is_control) {
         return Err(Error::invalid("request_id", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A sequence id from another service: present, at most [`MAX_SEQUENCE_ID_BYTES`], no
+/// control characters (it goes into log lines and keys the decode worker's store).
+pub fn sequence_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid("sequence_id", "is required"));
+    }
+    if id.len() > MAX_SEQUENCE_ID_BYTES {
+        return Err(Error::invalid("sequence_id", format!("has {} bytes, at most {MAX_SEQUENCE_ID_BYTES} are allowed", id.len())));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid("sequence_id", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// The number of chat messages: at least one, at most [`MAX_CHAT_MESSAGES`].
+pub fn chat_messages(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("chat.messages", "is empty"));
+    }
+    if n > MAX_CHAT_MESSAGES {
+        return Err(Error::invalid("chat.messages", format!("at most {MAX_CHAT_MESSAGES} messages, got {n}")));
     }
     Ok(())
 }
@@ -119,6 +150,18 @@ mod tests {
         for forged in ["a\nINFO fake line", "a\rb", "a\u{1b}[31mred"] {
             assert_eq!(err(forged), "invalid request_id: must not contain control characters");
         }
+    }
+
+    #[test]
+    fn sequence_ids_and_chat_lengths_are_bounded() {
+        assert!(sequence_id("r1-abc-00000000deadbeef").is_ok());
+        let err = |id: &str| sequence_id(id).unwrap_err().to_string();
+        assert_eq!(err(""), "invalid sequence_id: is required");
+        assert_eq!(err(&"s".repeat(257)), "invalid sequence_id: has 257 bytes, at most 256 are allowed");
+        assert_eq!(err("a\nb"), "invalid sequence_id: must not contain control characters");
+        assert!(chat_messages(1).is_ok() && chat_messages(MAX_CHAT_MESSAGES).is_ok());
+        assert_eq!(chat_messages(0).unwrap_err().to_string(), "invalid chat.messages: is empty");
+        assert_eq!(chat_messages(1025).unwrap_err().to_string(), "invalid chat.messages: at most 1024 messages, got 1025");
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod decode;
 pub mod error;
 mod prefill;
 
-pub use lazyserve_service::{discovery, serve, Router};
+pub use lazyserve_service::{auth, channels, discovery, serve, tls, Router};
 
 pub use decode::DecodeService;
 pub use error::{Error, Result};

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use lazyserve_service::channels::{grpc_timeout, Channels};
+use lazyserve_service::channels::{grpc_timeout, Channels, MAX_MESSAGE_BYTES};
 use lazyserve_service::error::from_worker;
 
 use crate::config::PrefillArgs;
@@ -75,6 +75,8 @@ type Events = mpsc::Sender<std::result::Result<PrefillResponse, Status>>;
 
 /// State chunks (up to 1 MiB each) encoded ahead of what the decode worker has taken.
 const CHUNKS_AHEAD: usize = 4;
+/// Decode workers one Prefill request may name (the router names a few, to fall back on).
+const MAX_DECODE_ADDRESSES: usize = 16;
 /// Prefill events (first token, state sent) queued for the router.
 const EVENTS_BUFFER: usize = 4;
 
@@ -103,10 +105,11 @@ impl HeaderInfo {
 }
 
 impl PrefillService {
-    pub fn new(engine: Arc<Engine>, args: &PrefillArgs) -> Self {
+    /// A prefill service that reaches decode workers over `channels`.
+    pub fn new(engine: Arc<Engine>, args: &PrefillArgs, channels: Channels) -> Self {
         Self {
             engine,
-            channels: Arc::default(),
+            channels: Arc::new(channels),
             slots: Arc::new(Semaphore::new(args.prefill_concurrency.max(1))),
             counters: Arc::default(),
             max_waiting: args.prefill_queue as u32,
@@ -114,7 +117,7 @@ impl PrefillService {
     }
 
     pub fn into_server(self) -> PrefillServer<Self> {
-        PrefillServer::new(self)
+        PrefillServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The metrics gauges.
@@ -136,9 +139,10 @@ impl PrefillService {
 
     fn validate(&self, req: &PrefillRequest) -> Result<Checked> {
         limits::token_ids(&req.prompt_ids, self.engine.config())?;
-        if req.sequence_id.is_empty() || req.decode_addresses.is_empty() {
-            let reason = "sequence_id and decode_addresses are required".into();
-            return Err(ServiceError::InvalidArgument { field: "sequence_id", reason }.into());
+        limits::sequence_id(&req.sequence_id)?;
+        if req.decode_addresses.is_empty() || req.decode_addresses.len() > MAX_DECODE_ADDRESSES {
+            let reason = format!("give 1 to {MAX_DECODE_ADDRESSES} decode workers, got {}", req.decode_addresses.len());
+            return Err(ServiceError::InvalidArgument { field: "decode_addresses", reason }.into());
         }
         let schedule = self.engine.schedule(&req.prune)?;
         let sampling = SamplingParams::from(req.sampling.unwrap_or_default());

@@ -2,11 +2,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::tls::ClientTls;
+
+/// The largest message any lazyserve server takes (a Generate request's prompt, a Prefill
+/// request's token ids, one state chunk: 1 MiB of rows, or a header with the prompt's ids)
+/// and the largest HTTP body the OpenAI front reads: gRPC's usual 4 MiB, set on every server.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// How long to wait for a TCP connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -15,27 +21,60 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Channels to workers, plaintext or (with `--tls-ca`) mutual TLS.
 #[derive(Default)]
 pub struct Channels {
-    map: Mutex<HashMap<String, Channel>>,
+    tls: Option<ClientTls>,
+    map: Mutex<ChannelMap>,
 }
 
+#[derive(Default)]
+struct ChannelMap {
+    channels: HashMap<String, Channel>,
+    /// The TLS files' stamp when the channels were made, and when it was last looked at.
+    stamp: Vec<Option<SystemTime>>,
+    checked: Option<Instant>,
+}
+
+/// How often the client TLS files are looked at for a change.
+const TLS_RELOAD_CHECK: Duration = Duration::from_secs(1);
+
 impl Channels {
+    pub fn new(tls: Option<ClientTls>) -> Self {
+        Self { tls, map: Mutex::default() }
+    }
+
     /// The channel to `addr` (host:port), created on first use.
     pub fn get(&self, addr: &str) -> Result<Channel> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(addr) {
+        if let Some(tls) = &self.tls {
+            // A rotated client certificate: channels made from now on use the new files.
+            if map.checked.is_none_or(|at| at.elapsed() >= TLS_RELOAD_CHECK) {
+                map.checked = Some(Instant::now());
+                let stamp = tls.stamp();
+                if stamp != map.stamp {
+                    map.channels.clear();
+                    map.stamp = stamp;
+                }
+            }
+        }
+        if let Some(c) = map.channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| Error::Unavailable(format!("bad worker address {addr:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let config = tls.config().map_err(|e| Error::Unavailable(format!("client TLS for {addr}: {e:#}")))?;
+            endpoint = endpoint.tls_config(config).map_err(|e| Error::Unavailable(format!("client TLS for {addr}: {e}")))?;
+        }
         let channel = endpoint.connect_lazy();
-        map.insert(addr.to_string(), channel.clone());
+        map.channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
 }

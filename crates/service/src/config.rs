@@ -56,6 +56,12 @@ pub struct ServerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
     #[arg(long, env = "LAZYSERVE_GRACE_PERIOD_SECS", default_value_t = 30)]
     pub grace_period_secs: u64,
+    /// A second, plaintext listener that serves only grpc.health.v1, for probes that cannot
+    /// speak TLS (the kubelet's gRPC probe), e.g. 0.0.0.0:50060 (unset: none).
+    #[arg(long, env = "LAZYSERVE_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }

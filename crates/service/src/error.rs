@@ -77,6 +77,29 @@ impl From<Error> for Status {
     }
 }
 
+/// A status code's canonical name, as the gRPC spec writes it ("UNAVAILABLE").
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// A status from a worker, as the router passes it on: the caller's own mistakes keep
 /// their code, everything else means the worker could not do its part.
 pub fn from_worker(role: &str, addr: &str, s: Status) -> Error {
@@ -85,5 +108,23 @@ pub fn from_worker(role: &str, addr: &str, s: Status) -> Error {
         Code::ResourceExhausted => Error::Overloaded(format!("{role} worker {addr} is overloaded: {}", s.message())),
         Code::DeadlineExceeded => Error::DeadlineExceeded(format!("{role} worker {addr}: {}", s.message())),
         _ => Error::Unavailable(format!("{role} worker {addr} failed: {} ({:?})", s.message(), s.code())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_the_specs() {
+        // Every code, by its number: the name is the spec's, upper snake case.
+        let names: Vec<&str> = (0..=16).map(|n| code_name(Code::from_i32(n))).collect();
+        assert_eq!(names[14], "UNAVAILABLE");
+        assert_eq!(names[3], "INVALID_ARGUMENT");
+        assert_eq!(names[16], "UNAUTHENTICATED");
+        for (n, name) in names.iter().enumerate() {
+            let debug = format!("{:?}", Code::from_i32(n as i32)).chars().filter(|c| *c != '_').collect::<String>();
+            assert_eq!(name.replace('_', "").to_lowercase(), debug.to_lowercase(), "code {n}");
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! shutdown on SIGTERM or Ctrl-C.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +16,15 @@ use tonic::body::Body;
 use tonic::codegen::http::Request;
 use tonic::codegen::Service;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::auth::KeyCheck;
 use crate::channels::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::config::RegisterArgs;
+use crate::tls::{InternalOnly, Tls};
 use crate::Router;
 
 /// The roles one server runs, and the etcd registration to revoke when it drains.
@@ -32,6 +37,12 @@ pub struct Roles {
     workers: Routes,
     worker_names: Vec<&'static str>,
     registration: Option<Registration>,
+    /// Refuses worker calls without a client certificate when TLS is mutual.
+    internal_only: InternalOnly,
+    tls: Tls,
+    generation_keys: Option<KeyCheck>,
+    admin_keys: Option<KeyCheck>,
+    health_listen: Option<SocketAddr>,
 }
 
 impl Roles {
@@ -46,15 +57,36 @@ impl Roles {
         self
     }
 
-    /// Adds a worker's gRPC service.
+    /// Adds a worker's gRPC service: internal, so it takes only peers with a certificate
+    /// from the CA when TLS is mutual.
     pub fn with_worker<S>(mut self, svc: S) -> Self
     where
-        S: Service<Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
-        S::Response: axum::response::IntoResponse,
+        S: Service<Request<Body>, Response = tonic::codegen::http::Response<Body>, Error = Infallible>,
+        S: NamedService + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         self.worker_names.push(S::NAME);
-        self.workers = self.workers.add_service(svc);
+        self.workers = self.workers.add_service(InterceptedService::new(svc, self.internal_only.clone()));
+        self
+    }
+
+    /// TLS on the listeners, mutual on the worker services when `tls.mutual`.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.internal_only.set_required(tls.mutual);
+        self.tls = tls;
+        self
+    }
+
+    /// The API keys the router's Generation and Admin services (and HTTP front) ask for.
+    pub fn with_api_keys(mut self, (generation, admin): (KeyCheck, KeyCheck)) -> Self {
+        self.generation_keys = Some(generation);
+        self.admin_keys = Some(admin);
+        self
+    }
+
+    /// A plaintext listener with health only, for probes that cannot speak TLS.
+    pub fn with_health_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.health_listen = addr;
         self
     }
 
@@ -95,7 +127,7 @@ pub async fn serve(
     listener: TcpListener,
     roles: Roles,
     grace: Duration,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let names = roles.names();
@@ -131,25 +163,50 @@ pub async fn serve(
         }
         let _ = stopping_tx.send(());
     };
+    let generation_keys = roles.generation_keys.unwrap_or(KeyCheck::Open);
+    let admin_keys = roles.admin_keys.unwrap_or(KeyCheck::Open);
+    if let Some(addr) = roles.health_listen {
+        let health_listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %health_listener.local_addr()?, "serving health only, plaintext");
+        let health = health.clone();
+        let mut draining = draining.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = draining.wait_for(|d| *d).await;
+            };
+            let served = Server::builder().add_service(health).serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), stop);
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "health listener failed");
+            }
+        });
+    }
     // Pings find callers that vanished without a reset (a cut network), so that their
     // streams end and whatever they held is freed.
-    let server = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(roles.workers)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_optional_service(roles.router.clone().map(Router::admin_server))
-        .add_optional_service(roles.router.map(Router::into_server))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+        .add_optional_service(roles.router.clone().map(|r| InterceptedService::new(r.admin_server(), admin_keys)))
+        .add_optional_service(roles.router.map(|r| InterceptedService::new(r.into_server(), generation_keys.clone())));
+    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &roles.tls.server {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.grpc_incoming(listener).into_stream(), drain)),
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)),
+    };
+    let server_tls = roles.tls.server.clone();
     let http = async move {
         let Some((router, listener)) = http else { return Ok(()) };
-        tracing::info!(addr = %listener.local_addr()?, "serving the OpenAI HTTP API");
-        crate::router::http::serve(listener, router, async move {
+        tracing::info!(addr = %listener.local_addr()?, tls = server_tls.is_some(), "serving the OpenAI HTTP API");
+        let stop = async move {
             let _ = draining.wait_for(|d| *d).await;
-        })
-        .await
+        };
+        let app = crate::router::http::app(router, generation_keys);
+        match server_tls {
+            Some(tls) => crate::router::http::serve(tls.http_incoming(listener), app, stop).await,
+            None => crate::router::http::serve(crate::router::http::nodelay(listener), app, stop).await,
+        }
     };
     let grace_over = async move {
         if stopping_rx.await.is_ok() {

@@ -7,6 +7,7 @@ use clap::Parser;
 use lazyserve_server::discovery::Role;
 use lazyserve_server::config::{DecodeArgs, ModelArgs, RegisterArgs, ServerArgs};
 use lazyserve_server::serve::{self, Roles};
+use lazyserve_server::tls::TlsRole;
 use lazyserve_server::DecodeService;
 
 #[derive(Parser, Debug)]
@@ -30,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = cli.server.telemetry.init("lazyserve-decode-worker")?;
     tracing::info!(config = ?cli, "starting decode worker");
+    let tls = cli.server.tls.load(TlsRole::Worker)?;
     let engine = Arc::new(cli.model.load()?);
     let max_context = engine.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
@@ -40,7 +42,11 @@ async fn main() -> anyhow::Result<()> {
     let registration = serve::register(&cli.register, Role::Decode, listener.local_addr()?, (&meta.0, meta.1), service.capacity(), load)?;
     let gauges = service.clone();
     metrics.add_gauges(move || gauges.gauges());
-    let roles = Roles::default().with_worker(service.into_server()).with_registration(registration);
+    let roles = Roles::default()
+        .with_tls(tls)
+        .with_health_listen(cli.server.health_listen)
+        .with_worker(service.into_server())
+        .with_registration(registration);
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result

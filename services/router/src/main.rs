@@ -3,8 +3,11 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use lazyserve_service::auth::AuthArgs;
+use lazyserve_service::channels::Channels;
 use lazyserve_service::config::{MetaArgs, RouterArgs, ServerArgs};
 use lazyserve_service::serve::{self, Roles};
+use lazyserve_service::tls::TlsRole;
 use lazyserve_service::Router;
 
 #[derive(Parser, Debug)]
@@ -22,6 +25,8 @@ struct Cli {
     #[command(flatten)]
     router: RouterArgs,
     #[command(flatten)]
+    auth: AuthArgs,
+    #[command(flatten)]
     server: ServerArgs,
 }
 
@@ -31,8 +36,10 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = cli.server.telemetry.init("lazyserve-router")?;
     tracing::info!(config = ?cli, "starting router");
     let meta = cli.model.load()?;
+    let tls = cli.server.tls.load(TlsRole::Router)?;
+    let keys = cli.auth.load()?;
     let metrics = cli.server.telemetry.metrics(&meta.name, "router", telemetry.exporting()).await?;
-    let router = Router::new(meta, cli.router.policy.clone(), cli.router.discovery()?, metrics.clone())?;
+    let router = Router::new(meta, cli.router.policy.clone(), cli.router.discovery()?, Channels::new(tls.client.clone()), metrics.clone())?;
     let gauges = router.clone();
     metrics.add_gauges(move || gauges.gauges());
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
@@ -41,9 +48,9 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     if let Some(h) = &http {
-        eprintln!("lazyserve-router OpenAI HTTP API on http://{}", h.local_addr()?);
+        eprintln!("lazyserve-router OpenAI HTTP API on {}://{}", tls.http_scheme(), h.local_addr()?);
     }
-    let roles = Roles::router(router, http);
+    let roles = Roles::router(router, http).with_tls(tls).with_api_keys(keys).with_health_listen(cli.server.health_listen);
     let result = serve::serve(listener, roles, cli.server.grace_period(), serve::shutdown_signal()).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result

@@ -25,6 +25,7 @@ use lazyserve_proto::v1::{
     StatsRequest, StatsResponse,
 };
 use lazyserve_request::limits;
+use lazyserve_service::channels::MAX_MESSAGE_BYTES;
 use lazyserve_telemetry::metrics::{Gauges, Metrics};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -36,8 +37,6 @@ use crate::error::{Error, Result, ServiceError};
 use engine_loop::{EngineLoop, StreamSink};
 use store::{Held, Inner, Owned, Receiving};
 
-/// How long a release of a state not received yet is remembered.
-const RELEASED_MEMORY: Duration = Duration::from_secs(300);
 
 /// The Decode service; clones share one store and one engine loop.
 #[derive(Clone)]
@@ -63,7 +62,7 @@ impl DecodeService {
     }
 
     pub fn into_server(self) -> DecodeServer<Self> {
-        DecodeServer::new(self)
+        DecodeServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The capacity reported to etcd.
@@ -129,6 +128,7 @@ impl DecodeService {
         let (header, state) = tokio::task::spawn_blocking(move || asm.finish(engine2.config()))
             .await
             .map_err(|_| Error::Engine(lazyserve_engine::Error::Internal("state assembly panicked")))??;
+        limits::sequence_id(&header.sequence_id).map_err(Error::from)?;
         let mut store = inner.store();
         if store.released.remove(&header.sequence_id).is_some() {
             tracing::debug!(sequence_id = %header.sequence_id, "state arrived after its release; dropped");
@@ -215,6 +215,7 @@ impl Decode for DecodeService {
         lazyserve_telemetry::extract(&span, request.metadata());
         span.record("trace_id", lazyserve_telemetry::trace_id(&span));
         let req = request.into_inner();
+        limits::sequence_id(&req.sequence_id).map_err(Error::from)?;
         let max_tokens = limits::max_tokens(req.max_tokens as usize).map_err(Error::from)?;
         limits::token_id("first_token", req.first_token, self.inner.engine.config()).map_err(Error::from)?;
         let (start, sampler, owned) = match req.local {
@@ -236,6 +237,7 @@ impl Decode for DecodeService {
 
     async fn release(&self, request: Request<ReleaseRequest>) -> std::result::Result<Response<ReleaseResponse>, Status> {
         let id = request.into_inner().sequence_id;
+        limits::sequence_id(&id).map_err(Error::from)?;
         let mut store = self.inner.store();
         // A state being decoded belongs to its Decode stream; ending that stream frees it.
         let released = store.held.get(&id).is_some_and(|h| h.state.is_some());
@@ -243,7 +245,7 @@ impl Decode for DecodeService {
             store.held.remove(&id);
         } else if !store.held.contains_key(&id) {
             // The state may still be on its way: refuse it when it arrives.
-            store.released.insert(id, Instant::now() + RELEASED_MEMORY);
+            store.remember_release(id, Instant::now());
         }
         Ok(Response::new(ReleaseResponse { released }))
     }

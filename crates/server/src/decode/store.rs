@@ -15,6 +15,12 @@ use crate::error::{Result, ServiceError};
 
 /// How often abandoned states are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long a release of a state not received yet is remembered: longer than any state
+/// takes to arrive.
+const RELEASED_MEMORY: Duration = Duration::from_secs(300);
+/// Releases remembered at once; past this the oldest is forgotten (its state, should it
+/// still arrive, is freed by its deadline instead).
+pub const MAX_RELEASED: usize = 4096;
 
 pub(super) struct Held {
     /// None while a Decode stream owns it.
@@ -38,6 +44,20 @@ pub(super) struct Store {
 impl Store {
     pub fn bytes(&self) -> usize {
         self.held.values().map(|h| h.bytes).sum::<usize>() + self.receiving_bytes.values().sum::<usize>()
+    }
+
+    /// Remembers the release of a state that has not arrived, so that it is refused when it
+    /// does; the memory is bounded in time and size.
+    pub fn remember_release(&mut self, sequence_id: String, now: Instant) {
+        if self.released.len() >= MAX_RELEASED {
+            self.released.retain(|_, until| *until > now);
+        }
+        if self.released.len() >= MAX_RELEASED {
+            if let Some(oldest) = self.released.iter().min_by_key(|(_, until)| **until).map(|(id, _)| id.clone()) {
+                self.released.remove(&oldest);
+            }
+        }
+        self.released.insert(sequence_id, now + RELEASED_MEMORY);
     }
 }
 
@@ -115,5 +135,27 @@ pub(super) async fn sweep(inner: Weak<Inner>) {
             }
             keep
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_releases_are_bounded() {
+        let mut store = Store::default();
+        let start = Instant::now();
+        for i in 0..MAX_RELEASED + 10 {
+            store.remember_release(format!("s{i}"), start + Duration::from_millis(i as u64));
+        }
+        assert_eq!(store.released.len(), MAX_RELEASED);
+        // The oldest went first.
+        assert!(!store.released.contains_key("s0") && !store.released.contains_key("s9"));
+        assert!(store.released.contains_key("s10") && store.released.contains_key(&format!("s{}", MAX_RELEASED + 9)));
+        // Expired entries make room before anything live is dropped.
+        let later = start + RELEASED_MEMORY + Duration::from_secs(3600);
+        store.remember_release("late".into(), later);
+        assert_eq!(store.released.len(), 1);
     }
 }

@@ -19,15 +19,16 @@ use tonic::{Request, Response, Status};
 
 use super::policy::routed_key;
 use super::{Ask, Event, Input, Router};
-use crate::channels::grpc_timeout;
+use crate::channels::{grpc_timeout, MAX_MESSAGE_BYTES};
+use crate::error::code_name;
 
 impl Router {
     pub fn into_server(self) -> GenerationServer<Self> {
-        GenerationServer::new(self)
+        GenerationServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     pub fn admin_server(self) -> AdminServer<Self> {
-        AdminServer::new(self)
+        AdminServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -61,7 +62,7 @@ fn to_wire(event: Event) -> Result<GenerateResponse, Status> {
         Event::Failed { error, delivered: 0 } => return Err(error.into()),
         Event::Failed { error, delivered } => {
             let status = Status::from(error);
-            WireEvent::Error(StreamError { code: format!("{:?}", status.code()), message: status.message().into(), tokens_delivered: delivered })
+            WireEvent::Error(StreamError { code: code_name(status.code()).into(), message: status.message().into(), tokens_delivered: delivered })
         }
     };
     Ok(GenerateResponse { event: Some(event) })

@@ -67,8 +67,10 @@ impl Job {
             None => return Err(invalid("prompt", "is missing: set prompt or chat")),
             Some(Input::Prompt(p)) if p.is_empty() => return Err(invalid("prompt", "is empty")),
             Some(Input::Prompt(p)) => p,
-            Some(Input::Chat(m)) if m.is_empty() => return Err(invalid("chat.messages", "is empty")),
-            Some(Input::Chat(m)) => meta.tokenizer.apply_chat_template(&m).map_err(|e| invalid("chat", e.to_string()))?,
+            Some(Input::Chat(m)) => {
+                limits::chat_messages(m.len())?;
+                meta.tokenizer.apply_chat_template(&m).map_err(|e| invalid("chat", e.to_string()))?
+            }
         };
         let prompt_ids = meta.tokenizer.encode(&text).map_err(|e| invalid("prompt", e.to_string()))?;
         if prompt_ids.is_empty() {

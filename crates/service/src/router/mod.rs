@@ -60,8 +60,15 @@ pub struct Submitted {
 }
 
 impl Router {
-    /// A router for the model described by `meta`, over the workers `discovery` finds.
-    pub fn new(meta: ModelMeta, policy: RouterPolicy, discovery: Arc<dyn Discovery>, metrics: Metrics) -> anyhow::Result<Self> {
+    /// A router for the model described by `meta`, over the workers `discovery` finds,
+    /// reached through `channels`.
+    pub fn new(
+        meta: ModelMeta,
+        policy: RouterPolicy,
+        discovery: Arc<dyn Discovery>,
+        channels: Channels,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         Schedule::parse(&policy.default_prune, meta.config.num_hidden_layers).map_err(|e| anyhow::anyhow!("--default-prune: {e}"))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -70,7 +77,7 @@ impl Router {
                 policy,
                 discovery,
                 routed: Arc::default(),
-                channels: Channels::default(),
+                channels,
                 next_id: AtomicUsize::new(0),
                 metrics,
             }),

@@ -26,6 +26,12 @@ impl ApiError {
         Self { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", message: message.into(), param: None, code: None }
     }
 
+    /// A missing or wrong API key, as OpenAI says it.
+    pub fn unauthorized(message: &str) -> Self {
+        let code = Some("invalid_api_key");
+        Self { status: StatusCode::UNAUTHORIZED, kind: "invalid_request_error", message: message.into(), param: None, code }
+    }
+
     /// The JSON body, also sent as the last event of a stream that fails.
     pub fn body(&self) -> serde_json::Value {
         json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })

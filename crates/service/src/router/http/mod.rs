@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API on the router (`--http-listen`): `POST /v1/completions`,
 //! `POST /v1/chat/completions` (whole, or streamed as server-sent events ending in
 //! `data: [DONE]`), `GET /v1/models` and `GET /health`. A thin front over the same pipeline
-//! as gRPC Generate; a client that disconnects cancels its request.
+//! as gRPC Generate; a client that disconnects cancels its request. With API keys, /v1 needs
+//! `Authorization: Bearer <key>`; with `--tls-cert`, it is HTTPS.
 
 mod error;
 mod openai;
@@ -11,11 +12,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
+use axum::middleware;
+use axum::serve::{Listener, ListenerExt};
 use axum::Json;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -26,31 +29,57 @@ use tonic::metadata::MetadataMap;
 use self::error::ApiError;
 use self::openai::{ChatRequest, CompletionRequest, Options};
 use super::{Ask, Event, Router};
+use crate::auth::KeyCheck;
+use crate::channels::MAX_MESSAGE_BYTES;
 
 /// Server-sent events a stream may queue before it waits for its client.
 const SSE_BUFFER: usize = 32;
 /// The header that carries a request id in and out.
 const REQUEST_ID: &str = "x-request-id";
 
-/// Serves the HTTP API on `listener` until `shutdown` resolves, then lets requests in
-/// flight finish.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    let app = axum::Router::new()
+/// The HTTP API's routes; `keys` guards the /v1 endpoints, /health stays open.
+pub fn app(router: Router, keys: KeyCheck) -> axum::Router {
+    let v1 = axum::Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route_layer(middleware::from_fn_with_state(keys, require_key));
+    axum::Router::new()
+        .merge(v1)
         .route("/health", get(health))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/completions, /v1/chat/completions, /v1/models") })
-        .with_state(router);
-    // Each event is its own small write: without TCP_NODELAY, Nagle's algorithm would hold
-    // a token back until the client acknowledged the one before.
-    let listener = listener.tap_io(|tcp| {
+        .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .with_state(router)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight
+/// finish.
+pub async fn serve<L>(listener: L, app: axum::Router, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()>
+where
+    L: Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// A plaintext listener whose connections set TCP_NODELAY: each event is its own small
+/// write, and Nagle's algorithm would hold a token back until the client acknowledged the
+/// one before.
+pub fn nodelay(listener: TcpListener) -> impl Listener<Addr = std::net::SocketAddr> {
+    listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    })
+}
+
+/// Refuses /v1 calls without a valid `Authorization: Bearer` key, as OpenAI does (401).
+async fn require_key(State(keys): State<KeyCheck>, request: axum::extract::Request, next: middleware::Next) -> Response {
+    match keys.check(request.headers().get(AUTHORIZATION).map(|v| v.as_bytes())) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => ApiError::unauthorized(refusal.message()).into_response(),
+    }
 }
 
 async fn completions(State(router): State<Router>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
