@@ -70,7 +70,7 @@ async fn call(url: String, prompt: String, max_tokens: u32) -> std::result::Resu
             Some(m) => match m.event {
                 Some(Event::Chunk(c)) => ids.extend(c.token_ids),
                 Some(Event::Complete(c)) => return Ok((c, ids)),
-                Some(Event::Error(e)) => return Err(if e.code == "Unavailable" { Code::Unavailable } else { Code::Unknown }),
+                Some(Event::Error(e)) => return Err(if e.code == "UNAVAILABLE" { Code::Unavailable } else { Code::Unknown }),
                 None => {}
             },
             None => return Err(Code::Unknown),

@@ -4,16 +4,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::generate_request::Input;
 use lazyserve_proto::v1::generate_response::Event;
 use lazyserve_proto::v1::generation_client::GenerationClient;
-use lazyserve_proto::v1::state_chunk::Part;
-use lazyserve_proto::v1::{
-    ChatMessage, ChatMessages, Completion, GenerateRequest as Req, KvRows, SamplingParams as WireSampling, StateChunk,
-    StateEncoding, StateHeader,
-};
+use lazyserve_proto::v1::{ChatMessage, ChatMessages, Completion, GenerateRequest as Req};
 use lazyserve_tests::cluster::{free_port, Cluster, Proc};
+use lazyserve_tests::tls::Certs;
 use lazyserve_tests::{in_process, service_engine};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -55,11 +51,20 @@ async fn generate(client: &mut GenerationClient<Channel>, r: Req) -> Result<Stre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_give_the_in_process_greedy_tokens() -> Result<()> {
-    let cluster = Cluster::start(&[]).await;
-    let mut f32_router = Cluster::router_for(&cluster.prefill.addr, &cluster.decode.addr, &["--state-encoding", "f32"]);
-    f32_router.ready().await;
+    greedy_tokens_as_in_process(&Cluster::start(&[]).await).await
+}
+
+/// The same check with TLS on every listener and mutual TLS between the services: the
+/// router's public port, the workers' internal calls and the state stream all encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_with_mutual_tls_give_the_same_tokens() -> Result<()> {
+    greedy_tokens_as_in_process(&Cluster::start_with(Some(Certs::new()), &[]).await).await
+}
+
+async fn greedy_tokens_as_in_process(cluster: &Cluster) -> Result<()> {
+    let f32_router = cluster.another_router(&["--state-encoding", "f32"]).await;
     let mut f16 = cluster.client().await;
-    let mut f32 = GenerationClient::connect(f32_router.url()).await?;
+    let mut f32 = GenerationClient::new(f32_router.channel().await?);
     let long = long_prompt(600);
     for (prompt, prune, max_tokens) in [("The capital of France is", "off", 12), (long.as_str(), "off", 8), (long.as_str(), "default", 8)] {
         let want = in_process(prompt, max_tokens, prune);
@@ -99,52 +104,7 @@ async fn three_processes_give_the_in_process_greedy_tokens() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_get_invalid_argument_naming_the_field() -> Result<()> {
-    let cluster = Cluster::start(&[]).await;
-    let mut client = cluster.client().await;
-    let too_long = "word ".repeat(9000);
-    let with = |f: &dyn Fn(&mut Req)| {
-        let mut r = req("Hello", 4);
-        f(&mut r);
-        r
-    };
-    let cases: Vec<(&str, Req)> = vec![
-        ("prompt", with(&|r| r.input = Some(Input::Prompt(String::new())))),
-        ("prompt", with(&|r| r.input = None)),
-        ("prompt", req(&too_long, 4)),
-        ("chat.messages", with(&|r| r.input = Some(Input::Chat(ChatMessages { messages: vec![] })))),
-        ("max_tokens", with(&|r| r.max_tokens = 0)),
-        ("max_tokens", with(&|r| r.max_tokens = 100_000)),
-        ("temperature", with(&|r| r.temperature = Some(-0.5))),
-        ("top_p", with(&|r| r.top_p = Some(0.0))),
-        ("top_p", with(&|r| r.top_p = Some(1.5))),
-        ("prune", with(&|r| r.prune = Some("40:0.5".into()))),
-        ("prune", with(&|r| r.prune = Some("bogus".into()))),
-        ("model", with(&|r| r.model = Some("gpt-17".into()))),
-        ("stop", with(&|r| r.stop = vec![String::new()])),
-        ("stop", with(&|r| r.stop = vec!["x".into(); 17])),
-        ("stop", with(&|r| r.stop = vec!["x".repeat(257)])),
-        ("request_id", with(&|r| r.request_id = Some("r1\nINFO forged line".into()))),
-        ("request_id", with(&|r| r.request_id = Some("x".repeat(129)))),
-    ];
-    for (field, r) in cases {
-        let err = match generate(&mut client, r).await {
-            Err(e) => e,
-            Ok(s) => panic!("{field}: accepted, produced {:?}", s.text),
-        };
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(err.message().contains(field), "{field}: {:?}", err.message());
-    }
-    // The model's own name is accepted, and nothing was left behind.
-    let mut r = req("Hello", 2);
-    r.model = Some("SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    generate(&mut client, r).await?;
-    assert_eq!(cluster.decode_drained(Duration::from_secs(5)).await, (0, 0));
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_streams_and_broken_state_streams_leave_no_state() -> Result<()> {
+async fn cancelled_streams_leave_no_state() -> Result<()> {
     let cluster = Cluster::start(&[]).await;
     let mut client = cluster.client().await;
 
@@ -163,32 +123,6 @@ async fn cancelled_streams_and_broken_state_streams_leave_no_state() -> Result<(
     drop(stream);
     assert_eq!(cluster.decode_drained(Duration::from_secs(30)).await, (0, 0));
 
-    // A state stream cut off before its trailer, and one with rows of the wrong size.
-    let mut decode = DecodeClient::connect(cluster.decode.url()).await?;
-    let header = StateChunk {
-        part: Some(Part::Header(StateHeader {
-            version: 1,
-            sequence_id: "cut".into(),
-            model: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-            tokens: vec![1, 2, 3],
-            prune: "off".into(),
-            sampling: Some(WireSampling { top_p: 1.0, ..Default::default() }),
-            encoding: StateEncoding::F16 as i32,
-            num_layers: 30,
-            kv_width: 192,
-            hidden_size: 576,
-            ttl_ms: 60_000,
-        })),
-    };
-    let rows = |bytes: usize| StateChunk {
-        part: Some(Part::Kv(KvRows { layer: 0, positions: vec![0, 1], k: vec![0; bytes], v: vec![0; bytes], ..Default::default() })),
-    };
-    let cut = decode.push_state(tokio_stream::iter(vec![header.clone(), rows(2 * 192 * 2)])).await.unwrap_err();
-    assert_eq!(cut.code(), Code::DataLoss, "{cut:?}");
-    let bad = decode.push_state(tokio_stream::iter(vec![header, rows(100)])).await.unwrap_err();
-    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
-    assert!(bad.message().contains("sizes"), "{bad:?}");
-    assert_eq!(cluster.decode_drained(Duration::from_secs(1)).await, (0, 0));
     Ok(())
 }
 

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::generation_client::GenerationClient;
 use lazyserve_proto::v1::StatsRequest;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::tls::Certs;
 use crate::{binary, model_path};
 
 /// A port nobody listens on right now (for addresses that must not answer, and for
@@ -32,6 +33,8 @@ pub struct Proc {
     pub log: PathBuf,
     /// The flags it was started with (after `--listen`).
     pub args: Vec<String>,
+    /// How a public client reaches it when it speaks TLS.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Proc {
@@ -76,7 +79,7 @@ impl Proc {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-        let mut proc = Self { child, addr: addr.to_string(), log, args: args.iter().map(|a| a.to_string()).collect() };
+        let mut proc = Self { child, addr: addr.to_string(), log, args: args.iter().map(|a| a.to_string()).collect(), tls: None };
         if addr == ANY_PORT {
             proc.addr = proc.bound();
         }
@@ -102,7 +105,23 @@ impl Proc {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A connected channel, as a public client (with TLS when the process speaks it).
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        self.channel_with(self.tls.clone()).await
+    }
+
+    /// A connected channel with the given TLS set-up (None: plaintext).
+    pub async fn channel_with(&self, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{}", self.addr)).expect("url");
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        endpoint.connect().await
     }
 
     pub fn log_text(&self) -> String {
@@ -124,7 +143,7 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("{} exited with {status}:\n{}", self.addr, self.log_text());
             }
-            if let Ok(channel) = Channel::from_shared(self.url()).expect("url").connect().await {
+            if let Ok(channel) = self.channel().await {
                 let mut health = HealthClient::new(channel);
                 let req = HealthCheckRequest { service: String::new() };
                 if let Ok(r) = health.check(req).await {
@@ -161,18 +180,42 @@ pub struct Cluster {
     pub decode: Proc,
     pub prefill: Proc,
     pub router: Proc,
+    /// With mutual TLS: the certificates every process was started with.
+    pub certs: Option<Certs>,
 }
 
 impl Cluster {
     /// Starts the three services; `router_args` are added to the router's flags.
     pub async fn start(router_args: &[&str]) -> Self {
-        let mut decode = Proc::spawn("lazyserve-decode-worker", &[]);
-        let mut prefill = Proc::spawn("lazyserve-prefill-worker", &[]);
-        let mut router = Self::router_for(&prefill.addr, &decode.addr, router_args);
-        decode.ready().await;
-        prefill.ready().await;
+        Self::start_with(None, router_args).await
+    }
+
+    /// [`Cluster::start`], with TLS on every listener and mutual TLS between the services
+    /// when `certs` is given.
+    pub async fn start_with(certs: Option<Certs>, router_args: &[&str]) -> Self {
+        let tls_args = certs.as_ref().map(Certs::server_args).unwrap_or_default();
+        let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        let mut decode = Proc::spawn("lazyserve-decode-worker", &tls_args);
+        let mut prefill = Proc::spawn("lazyserve-prefill-worker", &tls_args);
+        let mut cluster_router_args = tls_args.clone();
+        cluster_router_args.extend_from_slice(router_args);
+        let mut router = Self::router_for(&prefill.addr, &decode.addr, &cluster_router_args);
+        for p in [&mut decode, &mut prefill, &mut router] {
+            p.tls = certs.as_ref().map(Certs::public_client);
+            p.ready().await;
+        }
+        Self { decode, prefill, router, certs }
+    }
+
+    /// Another router over this cluster's workers, with its TLS set-up, ready.
+    pub async fn another_router(&self, args: &[&str]) -> Proc {
+        let mut all = self.certs.as_ref().map(Certs::server_args).unwrap_or_default();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut router = Self::router_for(&self.prefill.addr, &self.decode.addr, &all);
+        router.tls = self.certs.as_ref().map(Certs::public_client);
         router.ready().await;
-        Self { decode, prefill, router }
+        router
     }
 
     /// Another router process (not waited for) over the given workers.
@@ -183,12 +226,17 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(self.router.url()).await.expect("router connects")
+        GenerationClient::new(self.router.channel().await.expect("router connects"))
+    }
+
+    /// A channel to a worker as a fellow service (with the certificate under mutual TLS).
+    pub async fn internal_channel(&self, worker: &Proc) -> Channel {
+        worker.channel_with(self.certs.as_ref().map(Certs::internal_client)).await.expect("worker connects")
     }
 
     /// (sequences, bytes) the decode worker holds.
     pub async fn decode_held(&self) -> (u32, u64) {
-        let mut c = DecodeClient::connect(self.decode.url()).await.expect("decode connects");
+        let mut c = DecodeClient::new(self.internal_channel(&self.decode).await);
         let s = c.stats(StatsRequest {}).await.expect("stats").into_inner();
         (s.sequences + s.receiving, s.state_bytes)
     }

@@ -28,6 +28,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub mod cluster;
 pub mod etcd;
 pub mod reference;
+pub mod tls;
 
 /// A tiny Llama with random weights (deterministic), for fast algorithm tests.
 pub fn tiny_model() -> lazyserve_model::Model {
