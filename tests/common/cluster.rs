@@ -2,7 +2,7 @@
 //! their health check says SERVING, and killed when dropped.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `bin` with `--listen` on port 0 plus `args`, logging to a temp file, and
-    /// returns once it has bound its port (the address it logs). Binding port 0 leaves no
-    /// window in which another test could take a port picked for it.
+    /// Starts `bin` with `--listen` on port 0 plus `args`, logging (stdout and stderr) to a
+    /// temp file, and returns once it has bound its port (the address it logs). Binding port 0
+    /// leaves no window in which another test could take a port picked for it.
     pub fn spawn(bin: &str, args: &[&str]) -> Self {
         Self::spawn_sub(bin, &[], args)
     }
@@ -65,6 +65,7 @@ impl Proc {
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("lazyserve-test-{bin}-{}-{n}.log", std::process::id()));
         let file = std::fs::File::create(&log).expect("log file");
+        let stdout = file.try_clone().expect("log file");
         let child = Command::new(binary(bin))
             .args(subcommand)
             .arg("--listen")
@@ -75,7 +76,7 @@ impl Proc {
             // Any free port: `lazyserve serve` would otherwise take 8000, once per test.
             .env("LAZYSERVE_HTTP_LISTEN", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));

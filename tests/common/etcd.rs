@@ -1,7 +1,8 @@
 //! A real etcd server (Debian's `etcd-server`) on free loopback ports with a temporary data
-//! directory, for the discovery tests. Stopped and its data removed when dropped.
+//! directory, for the discovery tests: plaintext, with mutual TLS, or with user/password auth.
+//! Stopped and its data removed when dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,31 +12,65 @@ pub struct Etcd {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// The certificate folder (ca.crt, tls.crt, tls.key) of a TLS etcd.
+    tls: Option<PathBuf>,
     pub data_dir: PathBuf,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An etcd that serves https only to clients with a certificate from `certs`/ca.crt, and
+    /// presents `certs`/tls.crt (a [`DevCerts`] folder).
+    pub fn start_tls(certs: &Path) -> Self {
+        Self::start_with(Some(certs.to_path_buf()))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         let data_dir = std::env::temp_dir().join(format!("lazyserve-etcd-{}-{}", std::process::id(), free_port()));
-        let mut etcd = Self { child: None, client_port: free_port(), peer_port: free_port(), data_dir };
+        let mut etcd = Self { child: None, client_port: free_port(), peer_port: free_port(), tls, data_dir };
         etcd.run();
         etcd
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Turns on etcd's auth: a root user (needed to enable it) and `user` with `password`, who
+    /// may read and write `prefix` and below and nothing else. A plaintext etcd only.
+    pub async fn enable_auth(&self, user: &str, password: &str, prefix: &str) -> anyhow::Result<()> {
+        use etcd_client::{Client, Permission};
+        anyhow::ensure!(self.tls.is_none(), "enable_auth speaks plaintext");
+        let mut c = Client::connect([self.endpoint()], None).await?;
+        c.user_add("root", format!("root-{password}"), None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.role_add(user).await?;
+        c.role_grant_permission(user, Permission::read_write(prefix).with_prefix()).await?;
+        c.user_add(user, password, None).await?;
+        c.user_grant_role(user, user).await?;
+        c.auth_enable().await?;
+        Ok(())
     }
 
     fn run(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.data_dir.with_extension("log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "test", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &self.endpoint(), "--advertise-client-urls", &self.endpoint()])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--initial-cluster", &format!("test={peer}")]);
+        if let Some(certs) = &self.tls {
+            cmd.arg("--cert-file").arg(certs.join("tls.crt")).arg("--key-file").arg(certs.join("tls.key"));
+            cmd.arg("--trusted-ca-file").arg(certs.join("ca.crt")).arg("--client-cert-auth");
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -56,7 +91,8 @@ impl Etcd {
         }
     }
 
-    /// Starts it again on the same ports; `wipe` starts from empty data (every lease lost).
+    /// Starts it again on the same ports and TLS; `wipe` starts from empty data (every lease
+    /// lost, and the users of [`Etcd::enable_auth`] too).
     pub fn restart(&mut self, wipe: bool) {
         self.stop();
         if wipe {
@@ -71,5 +107,32 @@ impl Drop for Etcd {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.data_dir);
         let _ = std::fs::remove_file(self.data_dir.with_extension("log"));
+    }
+}
+
+/// A development CA and a certificate for localhost and 127.0.0.1 signed by it, made by
+/// `scripts/dev-certs.sh` in a new temporary folder: ca.crt, tls.crt, tls.key. Each is a new
+/// CA. Removed when dropped.
+pub struct DevCerts {
+    pub dir: PathBuf,
+}
+
+impl DevCerts {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("lazyserve-certs-{}-{}", std::process::id(), free_port()));
+        let out = Command::new(crate::repo_root().join("scripts/dev-certs.sh")).arg(&dir).output().expect("dev-certs.sh runs");
+        assert!(out.status.success(), "dev-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+        Self { dir }
+    }
+
+    /// A file in the folder, as a flag value.
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+impl Drop for DevCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, WatchOptions,
 };
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 
 use crate::{Discovery, Load, Role, Shared, WorkerInfo};
@@ -53,8 +54,8 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
-    /// User and password, for etcd's auth.
-    pub user: Option<(String, String)>,
+    /// User and password, for etcd's auth; the password prints as `[REDACTED]`.
+    pub user: Option<(String, SecretString)>,
     pub tls: TlsFiles,
     /// Key prefix, e.g. `/lazyserve/v1`.
     pub prefix: String,
@@ -81,7 +82,7 @@ impl EtcdOptions {
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         if let Some((user, password)) = &self.user {
-            opts = opts.with_user(user.clone(), password.clone());
+            opts = opts.with_user(user.clone(), password.expose_secret());
         }
         let tls = &self.tls;
         if tls.ca.is_some() || tls.cert.is_some() {

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use lazyserve_discovery::etcd::{EtcdDiscovery, EtcdOptions, TlsFiles};
 use lazyserve_discovery::{Discovery, StaticDiscovery};
 use lazyserve_proto::v1::StateEncoding;
+use secrecy::SecretString;
 
 /// The model `scripts/fetch-model.sh` fetches.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -156,8 +157,9 @@ pub struct EtcdArgs {
     /// etcd user (with --etcd-password).
     #[arg(long, env = "LAZYSERVE_ETCD_USER", requires = "etcd_password")]
     pub etcd_user: Option<String>,
+    /// etcd password (with --etcd-user); never printed, not even in the logged configuration.
     #[arg(long, env = "LAZYSERVE_ETCD_PASSWORD", requires = "etcd_user", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<SecretString>,
     /// CA certificate (PEM) of etcd's server certificate.
     #[arg(long, env = "LAZYSERVE_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
@@ -233,4 +235,28 @@ pub struct RouterPolicy {
     /// skipping the state transfer (0: always use a prefill worker).
     #[arg(long, env = "LAZYSERVE_LOCAL_PREFILL_TOKENS", default_value_t = 256)]
     pub local_prefill_tokens: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    #[test]
+    fn the_etcd_password_prints_nowhere() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["x", "--etcd-endpoints", "http://e:2379", "--etcd-user", "u", "--etcd-password", "hunter2-s3cret"])?;
+        let opts = cli.etcd.options()?.expect("etcd options");
+        for printed in [format!("{cli:?}"), format!("{cli:#?}"), format!("{opts:?}")] {
+            assert!(printed.contains("\"u\"") && printed.contains("REDACTED"), "{printed}");
+            assert!(!printed.contains("hunter2-s3cret"), "{printed}");
+        }
+        Ok(())
+    }
 }
