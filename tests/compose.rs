@@ -1,34 +1,53 @@
-//! The images and the compose stack for real: the image is built from a locally made base
-//! (no image can be pulled here), then etcd, a router, two prefill and two decode
-//! containers run on a private network. Under load a decode container is killed, a
-//! prefill container is cut off the network and reconnected, and etcd is stopped and
-//! started: every request completes or ends with UNAVAILABLE within its deadline, the pools
-//! recover, no decode container holds state afterwards, and a container drains on SIGTERM.
-//! The router's published OpenAI-compatible HTTP port answers /v1/completions with the
-//! same greedy text as Generate.
+//! The images and the compose stack for real, with TLS and mutual TLS on
+//! (deploy/docker-compose.tls.yml, certificates from scripts/dev-certs.sh): the image is
+//! built from a locally made base (no image can be pulled here), then etcd, a router, two
+//! prefill and two decode containers run on a private network. The workers refuse a Prefill
+//! or Decode call without a client certificate from the CA (UNAUTHENTICATED), and a plaintext
+//! one, on their own ports. Under load a decode container is killed, a prefill container is
+//! cut off the network and reconnected, and etcd is stopped and started: every request
+//! completes or ends with UNAVAILABLE within its deadline, the pools recover, no decode
+//! container holds state afterwards, and a container drains on SIGTERM. The router's
+//! published OpenAI-compatible HTTPS port answers /v1/completions with the same greedy text
+//! as Generate. Needs Docker, docker-compose, openssl and curl.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use lazyserve_proto::v1::admin_client::AdminClient;
+use lazyserve_proto::v1::decode_client::DecodeClient;
 use lazyserve_proto::v1::generate_request::Input;
 use lazyserve_proto::v1::generate_response::Event;
 use lazyserve_proto::v1::generation_client::GenerationClient;
-use lazyserve_proto::v1::{GenerateRequest, ListWorkersRequest, WorkerStatus};
+use lazyserve_proto::v1::prefill_client::PrefillClient;
+use lazyserve_proto::v1::{DecodeRequest, GenerateRequest, ListWorkersRequest, PrefillRequest, WorkerStatus};
 use lazyserve_tests::cluster::free_port;
 use lazyserve_tests::repo_root;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
 /// Each request's deadline.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The host names the containers dial each other by, which the certificate must name.
+const HOSTS: [&str; 5] = ["router", "prefill-1", "prefill-2", "decode-1", "decode-2"];
+
+/// A third compose file, the test's own: one worker of each pool published on loopback, so
+/// that the test can call it as an outsider would.
+const PUBLISH_WORKERS: &str = r#"version: "3.9"
+services:
+  prefill-2:
+    ports: ["127.0.0.1::50052"]
+  decode-2:
+    ports: ["127.0.0.1::50053"]
+"#;
+
 fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.current_dir(repo_root()).output()?;
+    let out = cmd.current_dir(repo_root()).output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
@@ -39,18 +58,41 @@ fn docker(args: &[&str]) -> Result<Output> {
     run(Command::new("docker").args(args))
 }
 
-/// The stack under one compose project; taken down when dropped.
+/// The stack under one compose project, with its certificates in `dir`; taken down and
+/// removed when dropped.
 struct Stack {
     project: String,
     router_port: u16,
     http_port: u16,
+    dir: PathBuf,
 }
 
 impl Stack {
+    /// Makes the CA and the certificate every container presents.
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lazyserve-compose-{}", std::process::id()));
+        let stack = Stack { project: format!("lazyservetest{}", std::process::id()), router_port: free_port(), http_port: free_port(), dir };
+        run(Command::new("scripts/dev-certs.sh").arg(stack.certs()).args(HOSTS))?;
+        // The containers run as uid 10001: they must reach the folder and read this
+        // throwaway key.
+        for (path, mode) in [(stack.dir.clone(), 0o755), (stack.certs(), 0o755), (stack.certs().join("tls.key"), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        std::fs::write(stack.dir.join("publish-workers.yml"), PUBLISH_WORKERS)?;
+        Ok(stack)
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
     fn compose(&self, args: &[&str]) -> Result<Output> {
         run(Command::new("docker-compose")
-            .args(["-f", "deploy/docker-compose.yml", "-p", &self.project])
+            .args(["-f", "deploy/docker-compose.yml", "-f", "deploy/docker-compose.tls.yml", "-f"])
+            .arg(self.dir.join("publish-workers.yml"))
+            .args(["-p", &self.project])
             .args(args)
+            .env("LAZYSERVE_CERTS", self.certs())
             .env("LAZYSERVE_ROUTER_PORT", format!("127.0.0.1:{}", self.router_port))
             .env("LAZYSERVE_ROUTER_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("LAZYSERVE_LEASE_TTL_SECS", "5")
@@ -65,12 +107,29 @@ impl Stack {
         format!("{}_lazyserve", self.project)
     }
 
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.router_port)
+    /// The loopback port a container port is published on.
+    fn published(&self, service: &str, port: u16) -> Result<u16> {
+        let out = self.compose(&["port", service, &port.to_string()])?;
+        let out = String::from_utf8(out.stdout)?;
+        out.trim().rsplit(':').next().and_then(|p| p.parse().ok()).with_context(|| format!("{service}:{port} published at {out:?}"))
+    }
+
+    /// TLS as a client of the stack: trusts the CA, checks the name `localhost` (the
+    /// certificate names it), and presents the stack's own certificate when `with_cert`.
+    fn tls(&self, with_cert: bool) -> Result<ClientTlsConfig> {
+        let read = |name: &str| std::fs::read(self.certs().join(name));
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.crt")?)).domain_name("localhost");
+        Ok(if with_cert { tls.identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?)) } else { tls })
+    }
+
+    /// The router's gRPC port, over TLS without a client certificate, as a public client.
+    fn endpoint(&self) -> Endpoint {
+        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.router_port)).expect("a valid URI");
+        endpoint.tls_config(self.tls(false).expect("the CA")).expect("TLS config")
     }
 
     async fn workers(&self) -> Result<Vec<WorkerStatus>> {
-        let mut admin = AdminClient::connect(self.url()).await?;
+        let mut admin = AdminClient::new(self.endpoint().connect().await?);
         Ok(admin.list_workers(ListWorkersRequest {}).await?.into_inner().workers)
     }
 
@@ -91,11 +150,38 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+
+    /// An empty Prefill (or Decode) call on a published worker port: the code it ends with.
+    /// `tls`: None is plaintext; Some(with_cert) is TLS with or without the client certificate.
+    async fn internal_call(&self, service: &str, port: u16, tls: Option<bool>) -> Code {
+        let channel = async {
+            let endpoint = match tls {
+                Some(with_cert) => Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(self.tls(with_cert)?)?,
+                None => Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?,
+            };
+            anyhow::Ok(endpoint.connect().await?)
+        };
+        let channel: Channel = match channel.await {
+            Ok(c) => c,
+            Err(e) => {
+                println!("{service} on {port}, tls {tls:?}: no connection: {e:#}");
+                return Code::Unavailable;
+            }
+        };
+        let result = match service {
+            "prefill" => PrefillClient::new(channel).prefill(PrefillRequest::default()).await.map(drop),
+            _ => DecodeClient::new(channel).decode(DecodeRequest::default()).await.map(drop),
+        };
+        let code = result.err().map_or(Code::Ok, |s| s.code());
+        println!("{service} on {port}, tls {tls:?}: {code:?}");
+        code
+    }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -103,10 +189,10 @@ impl Drop for Stack {
 const MAX_TOKENS: u32 = 12;
 
 /// One request: Ok(text) or the code it ended with; panics past its deadline.
-async fn call(url: String, prompt: String) -> std::result::Result<String, Code> {
+async fn call(endpoint: Endpoint, prompt: String) -> std::result::Result<String, Code> {
     let start = Instant::now();
     let result = async {
-        let mut client = GenerationClient::connect(url).await.map_err(|_| Code::Unavailable)?;
+        let mut client = GenerationClient::new(endpoint.connect().await.map_err(|_| Code::Unavailable)?);
         let mut req = tonic::Request::new(GenerateRequest { input: Some(Input::Prompt(prompt)), max_tokens: MAX_TOKENS, ..Default::default() });
         req.set_timeout(DEADLINE);
         let mut stream = client.generate(req).await.map_err(|s| s.code())?.into_inner();
@@ -128,38 +214,17 @@ async fn call(url: String, prompt: String) -> std::result::Result<String, Code> 
     result
 }
 
-/// `POST path` with a JSON body over plain HTTP/1.1 (`connection: close`): (status, body).
-fn http_post(port: u16, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
-    let body = body.to_string();
-    let mut conn = TcpStream::connect(("127.0.0.1", port))?;
-    conn.set_read_timeout(Some(DEADLINE))?;
-    write!(
-        conn,
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut reply = Vec::new();
-    conn.read_to_end(&mut reply)?;
-    let reply = String::from_utf8(reply)?;
-    let Some((head, mut rest)) = reply.split_once("\r\n\r\n") else { bail!("no HTTP header end in {reply:?}") };
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    let Some(status) = status else { bail!("no HTTP status in {head:?}") };
-    let mut payload = String::new();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        loop {
-            let Some((size, tail)) = rest.split_once("\r\n") else { bail!("bad chunk in {reply:?}") };
-            let size = usize::from_str_radix(size.trim(), 16)?;
-            if size == 0 {
-                break;
-            }
-            payload.push_str(&tail[..size]);
-            rest = &tail[size + 2..];
-        }
-    } else {
-        payload.push_str(rest);
-    }
-    let json = serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("{e}: HTTP {status} {payload:?}"))?;
+/// `POST path` with a JSON body over HTTPS with curl, trusting the stack's CA: (status, body).
+fn https_post(certs: PathBuf, port: u16, path: &str, body: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+    let out = run(Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "--max-time", &DEADLINE.as_secs().to_string(), "--cacert"])
+        .arg(certs.join("ca.crt"))
+        .args(["-H", "content-type: application/json", "-d", &body.to_string(), "-w", "\n%{http_code}"])
+        .arg(format!("https://localhost:{port}{path}")))?;
+    let reply = String::from_utf8(out.stdout)?;
+    let Some((payload, status)) = reply.rsplit_once('\n') else { bail!("no status line in {reply:?}") };
+    let status = status.parse()?;
+    let json = serde_json::from_str(payload).map_err(|e| anyhow::anyhow!("{e}: HTTP {status} {payload:?}"))?;
     Ok((status, json))
 }
 
@@ -172,17 +237,28 @@ async fn compose_stack_survives_faults() -> Result<()> {
     docker(&["build", "-q", "-f", "deploy/Dockerfile", "--build-arg", "BUILDER_IMAGE=lazyserve-rust:local", "--build-arg", &base, "-t", "lazyserve:0.1.0", "."])?;
     docker(&["build", "-q", "-f", "deploy/etcd.Dockerfile", "--build-arg", &base, "-t", "lazyserve-etcd:0.1.0", "deploy"])?;
 
-    let stack = Stack { project: format!("lazyservetest{}", std::process::id()), router_port: free_port(), http_port: free_port() };
+    let stack = Stack::new()?;
     stack.compose(&["up", "-d"])?;
     stack.pools(2, 2, Duration::from_secs(180)).await?;
     let prompt = "The capital of France is";
-    let text = call(stack.url(), prompt.into()).await.expect("first request");
+    let text = call(stack.endpoint(), prompt.into()).await.expect("first request");
     assert!(text.contains("Paris"), "{text}");
 
-    // The same greedy request through the published OpenAI-compatible HTTP port.
+    // The workers' own ports: a call without a client certificate from the CA is refused by
+    // the service, and a plaintext one never reaches it; with the certificate, the service
+    // answers (and refuses the empty request).
+    for (service, port) in [("prefill", 50052), ("decode", 50053)] {
+        let port = stack.published(&format!("{service}-2"), port)?;
+        assert_eq!(stack.internal_call(service, port, Some(false)).await, Code::Unauthenticated, "{service} without a certificate");
+        let plaintext = stack.internal_call(service, port, None).await;
+        assert!(!matches!(plaintext, Code::Ok | Code::InvalidArgument | Code::Unauthenticated), "{service} answered plaintext: {plaintext:?}");
+        assert_eq!(stack.internal_call(service, port, Some(true)).await, Code::InvalidArgument, "{service} with the certificate");
+    }
+
+    // The same greedy request through the published OpenAI-compatible HTTPS port.
     let request = serde_json::json!({"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": false});
-    let port = stack.http_port;
-    let (status, reply) = tokio::task::spawn_blocking(move || http_post(port, "/v1/completions", &request)).await??;
+    let (certs, port) = (stack.certs(), stack.http_port);
+    let (status, reply) = tokio::task::spawn_blocking(move || https_post(certs, port, "/v1/completions", &request)).await??;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["text"].as_str(), Some(text.as_str()), "{reply}");
 
@@ -191,13 +267,13 @@ async fn compose_stack_survives_faults() -> Result<()> {
     let long = "The grass is green. The sky is blue. The sun is yellow. ".repeat(25);
     let clients: Vec<_> = (0..4)
         .map(|i| {
-            let (stop, url, long) = (stop.clone(), stack.url(), long.clone());
+            let (stop, endpoint, long) = (stop.clone(), stack.endpoint(), long.clone());
             tokio::spawn(async move {
                 let (mut ok, mut unavailable, mut n) = (0, 0, 0);
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
                     let prompt = if (i + n) % 2 == 0 { format!("{long} Item {n}:") } else { format!("Count: {n}, {},", n + 1) };
-                    match call(url.clone(), prompt).await {
+                    match call(endpoint.clone(), prompt).await {
                         Ok(_) => ok += 1,
                         Err(Code::Unavailable) => unavailable += 1,
                         Err(code) => panic!("a request ended with {code:?}"),
@@ -233,7 +309,7 @@ async fn compose_stack_survives_faults() -> Result<()> {
 
     // The pools recover, and every decode worker reports that it holds nothing.
     stack.pools(2, 2, Duration::from_secs(60)).await?;
-    assert!(call(stack.url(), "The capital of France is".into()).await.expect("after faults").contains("Paris"));
+    assert!(call(stack.endpoint(), "The capital of France is".into()).await.expect("after faults").contains("Paris"));
     let start = Instant::now();
     loop {
         let held: Vec<(String, u32, u64)> = stack
