@@ -2,7 +2,8 @@
 # What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
 # (the proto crate and etcd-client compile .proto files with it), etcd and Prometheus
 # (the discovery and telemetry tests start their own), kubectl (the manifest tests render
-# k8s/ with it), Python with venv, the Python gRPC client in .venv-grpc, and the model
+# k8s/ with it), openssl (scripts/dev-certs.sh makes the TLS tests' certificates), curl (the
+# compose test calls the HTTPS front with it), Python with venv, the Python gRPC client in .venv-grpc, and the model
 # file. Idempotent: installs only what is missing. The container tests also need Docker
 # with docker-compose, which this script does not install.
 set -euo pipefail
@@ -14,6 +15,8 @@ command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
