@@ -2,10 +2,10 @@
 # What building and testing lazyserve needs on a fresh Debian machine with Rust: protoc
 # (the proto crate and etcd-client compile .proto files with it), etcd and Prometheus
 # (the discovery and telemetry tests start their own), kubectl (the manifest tests render
-# k8s/ with it), openssl (scripts/dev-certs.sh makes the TLS tests' certificates), curl (the
-# compose test calls the HTTPS front with it), Python with venv, the Python gRPC client in .venv-grpc, and the model
-# file. Idempotent: installs only what is missing. The container tests also need Docker
-# with docker-compose, which this script does not install.
+# k8s/ with it), openssl (scripts/dev-certs.sh makes the TLS tests' certificates), curl
+# (the compose test calls the HTTPS front with it), Python with venv, the Python gRPC
+# client in .venv-grpc, and the model file. Idempotent: installs only what is missing. The
+# container tests also need Docker with docker-compose, which this script does not install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
