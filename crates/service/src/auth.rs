@@ -55,6 +55,8 @@ pub struct ApiKeys {
 
 struct KeyState {
     stamp: Option<(SystemTime, u64)>,
+    /// The stamp of a file that could not be used, so that it is warned about once.
+    failed: Option<Option<(SystemTime, u64)>>,
     checked: Instant,
     digests: Vec<[u8; 32]>,
 }
@@ -100,7 +102,7 @@ impl ApiKeys {
         let digests = parse(&text).map_err(|e| anyhow::anyhow!("API keys file {}: {e}", path.display()))?;
         anyhow::ensure!(!digests.is_empty(), "API keys file {} holds no key", path.display());
         tracing::info!(path = %path.display(), keys = digests.len(), "API keys loaded");
-        Ok(Arc::new(Self { path: path.to_path_buf(), state: Mutex::new(KeyState { stamp, checked: Instant::now(), digests }) }))
+        Ok(Arc::new(Self { path: path.to_path_buf(), state: Mutex::new(KeyState { stamp, failed: None, checked: Instant::now(), digests }) }))
     }
 
     /// Whether `key` is one of the keys, comparing with every key in constant time.
@@ -116,8 +118,8 @@ impl ApiKeys {
     }
 
     /// Rereads the file when it changed. A file that cannot be read or parsed keeps the
-    /// previous keys (a half-written file must not lock everyone out); an empty one removes
-    /// them all.
+    /// previous keys (a half-written file must not lock everyone out) and is tried again at
+    /// the next check, with one warning per change; an empty one removes them all.
     fn reload_if_changed(&self, state: &mut KeyState) {
         if state.checked.elapsed() < RELOAD_CHECK {
             return;
@@ -127,13 +129,18 @@ impl ApiKeys {
         if stamp == state.stamp {
             return;
         }
-        state.stamp = stamp;
         match std::fs::read_to_string(&self.path).map_err(|e| e.to_string()).and_then(|t| parse(&t)) {
             Ok(digests) => {
                 tracing::info!(path = %self.path.display(), keys = digests.len(), "API keys file changed; reloaded");
                 state.digests = digests;
+                state.stamp = stamp;
+                state.failed = None;
             }
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "API keys file changed but cannot be used; keeping the previous keys"),
+            Err(e) if state.failed != Some(stamp) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "API keys file changed but cannot be used; keeping the previous keys");
+                state.failed = Some(stamp);
+            }
+            Err(_) => {}
         }
     }
 }

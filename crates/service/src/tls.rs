@@ -159,6 +159,8 @@ struct ReloadingCert {
 #[derive(Debug)]
 struct Current {
     stamp: Vec<Option<SystemTime>>,
+    /// The stamp of files that could not be used, so that they are warned about once.
+    failed: Option<Vec<Option<SystemTime>>>,
     checked: Instant,
     key: Arc<CertifiedKey>,
 }
@@ -167,22 +169,30 @@ impl ReloadingCert {
     fn load(cert: PathBuf, key: PathBuf, provider: Arc<CryptoProvider>) -> anyhow::Result<Self> {
         let stamp = stamp(&[&cert, &key]);
         let loaded = Arc::new(certified_key(&cert, &key, &provider)?);
-        Ok(Self { cert, key, provider, current: Mutex::new(Current { stamp, checked: Instant::now(), key: loaded }) })
+        Ok(Self { cert, key, provider, current: Mutex::new(Current { stamp, failed: None, checked: Instant::now(), key: loaded }) })
     }
 
+    /// The certificate, reread when the files changed. Files that cannot be used keep the
+    /// previous certificate and are tried again at the next check (a key whose permissions
+    /// are fixed after it was written is taken up then), with one warning per change.
     fn current(&self) -> Arc<CertifiedKey> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.checked.elapsed() >= RELOAD_CHECK {
             current.checked = Instant::now();
             let now = stamp(&[&self.cert, &self.key]);
             if now != current.stamp {
-                current.stamp = now;
                 match certified_key(&self.cert, &self.key, &self.provider) {
                     Ok(key) => {
                         tracing::info!(cert = %self.cert.display(), "certificate changed on disk; new connections get the new one");
                         current.key = Arc::new(key);
+                        current.stamp = now;
+                        current.failed = None;
                     }
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "certificate changed on disk but cannot be used; keeping the previous one"),
+                    Err(e) if current.failed.as_ref() != Some(&now) => {
+                        tracing::warn!(error = format!("{e:#}"), "certificate changed on disk but cannot be used; keeping the previous one");
+                        current.failed = Some(now);
+                    }
+                    Err(_) => {}
                 }
             }
         }
