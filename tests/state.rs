@@ -3,11 +3,11 @@
 //! refused before any of it is used.
 
 use anyhow::Result;
-use lazyserve_engine::lazy::{self, Schedule, SequenceState};
+use lazyserve_engine::lazy::{self, SequenceState};
 use lazyserve_model::{KvDtype, Model};
-use lazyserve_state::{StateAssembler, StateEncoder, StateError};
+use lazyserve_state::{StateAssembler, StateError};
 use lazyserve_proto::v1::state_chunk::Part;
-use lazyserve_proto::v1::{SamplingParams, StateChunk, StateEncoding};
+use lazyserve_proto::v1::{StateChunk, StateEncoding};
 use lazyserve_tests::tiny_model;
 
 const SPEC: &str = "2:0.5,4:0.5";
@@ -16,18 +16,8 @@ fn prompt() -> Vec<u32> {
     (0..40).map(|i| (i * 7 + 3) % 101).collect()
 }
 
-/// Prefills under `spec`, encoding each layer as soon as it is done, like a prefill worker.
 fn prefill_and_encode(model: &Model, kv: KvDtype, encoding: StateEncoding, spec: &str) -> Result<(SequenceState, Vec<StateChunk>)> {
-    let layers = model.config().num_hidden_layers;
-    let mut state = SequenceState::new(model.config(), Schedule::parse(spec, layers)?, kv, 0);
-    let mut enc = StateEncoder::new(model.config(), encoding);
-    let mut chunks = vec![enc.header("seq", "tiny", &prompt(), spec, SamplingParams::default(), 1000)];
-    lazy::step_with(model, &mut state, &prompt(), &mut |l, layer| {
-        chunks.extend(enc.layer(l, layer));
-        Ok(())
-    })?;
-    chunks.push(enc.trailer());
-    Ok((state, chunks))
+    lazyserve_tests::prefill_and_encode(model, kv, encoding, spec, &prompt())
 }
 
 fn assemble(model: &Model, kv: KvDtype, chunks: Vec<StateChunk>) -> Result<SequenceState, StateError> {

@@ -33,12 +33,8 @@ pub mod tls;
 /// A tiny Llama with random weights (deterministic), for fast algorithm tests.
 pub fn tiny_model() -> lazyserve_model::Model {
     use candle_core::{Device, Tensor};
-    let cfg = lazyserve_model::Config::from_hf_json(
-        r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000, "max_position_embeddings": 256}"#,
-    )
-    .expect("tiny config");
+    // tests/tiny-config.json: the cargo-fuzz state_decoder target expects the same model.
+    let cfg = lazyserve_model::Config::from_hf_json(include_str!("../tiny-config.json")).expect("tiny config");
     let (h, i, v, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.kv_dim());
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rand = |shape: &[usize], scale: f32| {
@@ -71,6 +67,28 @@ pub fn tiny_model() -> lazyserve_model::Model {
     }
     let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
     lazyserve_model::Model::new(&cfg, vb, lazyserve_model::WeightFormat::F32).expect("tiny model")
+}
+
+/// Prefills `prompt` under `spec`, encoding each layer as soon as it is done, like a prefill
+/// worker: the state and its chunks (header for model "tiny", rows, trailer).
+pub fn prefill_and_encode(
+    model: &lazyserve_model::Model,
+    kv: lazyserve_model::KvDtype,
+    encoding: lazyserve_proto::v1::StateEncoding,
+    spec: &str,
+    prompt: &[u32],
+) -> anyhow::Result<(lazyserve_engine::lazy::SequenceState, Vec<lazyserve_proto::v1::StateChunk>)> {
+    use lazyserve_engine::lazy::{self, Schedule, SequenceState};
+    let layers = model.config().num_hidden_layers;
+    let mut state = SequenceState::new(model.config(), Schedule::parse(spec, layers)?, kv, 0);
+    let mut enc = lazyserve_state::StateEncoder::new(model.config(), encoding);
+    let mut chunks = vec![enc.header("seq", "tiny", prompt, spec, Default::default(), 1000)];
+    lazy::step_with(model, &mut state, prompt, &mut |l, layer| {
+        chunks.extend(enc.layer(l, layer));
+        Ok(())
+    })?;
+    chunks.push(enc.trailer());
+    Ok((state, chunks))
 }
 
 /// The Python with grpcio and openai that the client tests use: `.venv-grpc`, made from

@@ -5,6 +5,7 @@
 //! crate alone.
 
 pub mod config;
+pub mod deadline;
 mod error;
 pub mod gguf;
 pub mod limits;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 use std::path::Path;
 
 pub use config::{Architecture, Config, Llama3RopeScaling};
+pub use deadline::{parse_grpc_timeout, TimeoutError};
 pub use error::{Error, Result};
 pub use gguf::Gguf;
 pub use limits::MAX_NEW_TOKENS;

@@ -115,7 +115,8 @@ impl Schedule {
 
     fn validate(&self, num_layers: usize) -> Result<()> {
         for (i, s) in self.stages.iter().enumerate() {
-            if s.layer + 1 >= num_layers {
+            // Not `layer + 1`: a layer of usize::MAX would wrap past the check in release builds.
+            if s.layer >= num_layers.saturating_sub(1) {
                 return Err(bad(format!("pruning layer {} out of range: the model has layers 0..{} and the last cannot prune", s.layer, num_layers)));
             }
             if !(s.keep > 0.0 && s.keep <= 1.0) {
@@ -137,6 +138,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn presets_and_specs() -> Result<()> {
@@ -164,9 +166,71 @@ mod tests {
             ("10:0.5+depth=3", "unknown option"),
             ("10:0.5+window=0", "at least 1"),
             ("x:0.5", "not a number"),
+            ("18446744073709551615:0.5", "out of range"),
+            ("18446744073709551616:0.5", "not a number"),
+            ("10:NaN", "outside (0, 1]"),
+            ("10:inf", "outside (0, 1]"),
+            ("", "unknown preset"),
+            ("lazy:", "unknown preset"),
+            ("10:0.5,", "not LAYER:KEEP"),
+            ("10:0.5+", "not NAME=VALUE"),
+            ("10:0.5+sinks=-1", "whole number"),
         ] {
             let err = Schedule::parse(spec, 30).unwrap_err().to_string();
             assert!(err.contains(why) && err.contains("prune"), "{spec}: {err}");
+        }
+    }
+
+    /// What every accepted schedule promises the engine.
+    fn check_invariants(s: &Schedule, num_layers: usize) -> std::result::Result<(), TestCaseError> {
+        for (i, stage) in s.stages.iter().enumerate() {
+            prop_assert!(stage.layer.checked_add(1).is_some_and(|l| l < num_layers), "{:?}: layer {} of {num_layers}", s.name, stage.layer);
+            prop_assert!(stage.keep > 0.0 && stage.keep <= 1.0, "{:?}: keep {}", s.name, stage.keep);
+            prop_assert!(i == 0 || stage.layer > s.stages[i - 1].layer, "{:?}: not increasing", s.name);
+        }
+        prop_assert!(s.maxpool % 2 == 1 && s.window >= 1, "{:?}", s.name);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_spec_is_refused_with_a_reason_or_keeps_the_invariants(
+            spec in "((lazy|random|static|x):)?([0-9]{0,21}:[0-9.eEinfNa+-]{0,6},?){0,4}(\\+[a-z]{0,7}=?[0-9-]{0,21}){0,3}|\\PC{0,30}",
+            num_layers in 0usize..64,
+        ) {
+            match Schedule::parse(&spec, num_layers) {
+                Ok(s) => check_invariants(&s, num_layers)?,
+                Err(e) => prop_assert!(e.to_string().starts_with("invalid prune: "), "{spec:?}: {e}"),
+            }
+        }
+
+        #[test]
+        fn presets_fit_every_depth(preset in proptest::sample::select(PRESET_NAMES.split(", ").collect::<Vec<_>>()), num_layers in 0usize..200) {
+            if let Ok(s) = Schedule::parse(preset, num_layers) {
+                check_invariants(&s, num_layers)?;
+            }
+            // A preset prunes at fractions of depth: any model deep enough takes it.
+            prop_assert!(num_layers < 9 || Schedule::parse(preset, num_layers).is_ok(), "{preset} on {num_layers} layers");
+        }
+
+        #[test]
+        fn written_specs_parse_back(
+            num_layers in 2usize..100,
+            stages in proptest::collection::btree_map(0usize..98, 1u32..=1000, 1..5),
+            sinks in 0usize..1000,
+        ) {
+            let stages: Vec<Stage> = stages
+                .into_iter()
+                .filter(|&(l, _)| l + 1 < num_layers)
+                .map(|(layer, k)| Stage { layer, keep: k as f32 / 1000.0 })
+                .collect();
+            prop_assume!(!stages.is_empty());
+            let spec = stages.iter().map(|s| format!("{}:{}", s.layer, s.keep)).collect::<Vec<_>>().join(",");
+            let parsed = Schedule::parse(&format!("static:{spec}+sinks={sinks}"), num_layers).unwrap();
+            prop_assert_eq!(parsed.stages, stages);
+            prop_assert_eq!((parsed.mode, parsed.sinks), (Mode::Static, sinks));
         }
     }
 }

@@ -349,7 +349,7 @@ impl Prefill for PrefillService {
     type PrefillStream = ReceiverStream<std::result::Result<PrefillResponse, Status>>;
 
     async fn prefill(&self, request: Request<PrefillRequest>) -> std::result::Result<Response<Self::PrefillStream>, Status> {
-        let timeout = grpc_timeout(request.metadata());
+        let timeout = grpc_timeout(request.metadata())?;
         let span = tracing::info_span!(
             "prefill",
             otel.kind = "server",

@@ -79,18 +79,36 @@ impl Channels {
     }
 }
 
-/// The deadline a caller set on a request (`grpc-timeout`: "100m", "5S", ...).
-pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+/// The deadline a caller set on a request (`grpc-timeout`: "100m", "5S", ...): `None` when it
+/// set none. A malformed header is INVALID_ARGUMENT naming grpc-timeout, not "no deadline": a
+/// caller that asked for one must not have its request run unbounded.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>> {
+    let Some(value) = metadata.get("grpc-timeout") else { return Ok(None) };
+    let bad = |reason: String| Error::InvalidArgument { field: "grpc-timeout", reason };
+    let value = value.to_str().map_err(|_| bad("is not visible ASCII".into()))?;
+    lazyserve_request::parse_grpc_timeout(value).map(Some).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataMap;
+
+    fn with(value: &'static str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", tonic::metadata::MetadataValue::from_static(value));
+        m
+    }
+
+    #[test]
+    fn a_malformed_grpc_timeout_is_refused_not_ignored() -> Result<()> {
+        assert_eq!(grpc_timeout(&MetadataMap::new())?, None);
+        assert_eq!(grpc_timeout(&with("250m"))?, Some(Duration::from_millis(250)));
+        for value in ["123456789S", "5x", "S", "-1S"] {
+            let status = tonic::Status::from(grpc_timeout(&with(value)).expect_err(value));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{value}");
+            assert!(status.message().starts_with("invalid grpc-timeout: "), "{value}: {}", status.message());
+        }
+        Ok(())
+    }
 }

@@ -2,6 +2,11 @@
 //! that were computed (with their original positions) and the Aux Cache rows, in chunks well
 //! below gRPC's message limit, then a trailer whose counts and CRC-32C let the receiver
 //! refuse a truncated or corrupted stream before using any of it.
+//!
+//! The receiver trusts nothing it is sent: the header's shape must be the model's and its
+//! tokens must fit the model's context, so every later length is checked against numbers it
+//! already holds before anything is sliced or allocated; a layer can hold at most one row per
+//! token, which bounds what a stream can make the receiver keep.
 
 use half::f16;
 use lazyserve_engine::lazy::{AuxCache, LayerState, Schedule, SequenceState};
@@ -38,13 +43,16 @@ fn invalid(msg: impl Into<String>) -> StateError {
     StateError::Invalid(msg.into())
 }
 
-/// Shape numbers both ends must agree on.
+/// Shape numbers both ends must agree on, and the receiving model's limits.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
     hidden: usize,
+    /// The most prompt tokens a state may hold: room is left for one generated token.
+    max_tokens: usize,
+    vocab: usize,
 }
 
 impl Shape {
@@ -54,6 +62,8 @@ impl Shape {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             hidden: cfg.hidden_size,
+            max_tokens: cfg.max_position_embeddings.saturating_sub(1),
+            vocab: cfg.vocab_size,
         }
     }
 
@@ -72,7 +82,7 @@ struct Tally {
 
 impl Tally {
     fn add(&mut self, parts: &[&[u8]]) {
-        self.row_chunks += 1;
+        self.row_chunks = self.row_chunks.saturating_add(1);
         for p in parts {
             self.bytes += p.len() as u64;
             self.crc = crc32c::crc32c_append(self.crc, p);
@@ -234,15 +244,37 @@ pub struct Header {
     pub ttl_ms: u32,
 }
 
+/// Which rows a chunk carries. A stream sends each layer's K/V rows, then its Aux Cache rows,
+/// layer after layer, as the prefill finishes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rows {
+    Kv,
+    Aux,
+}
+
+impl Rows {
+    fn name(self) -> &'static str {
+        match self {
+            Rows::Kv => "K/V",
+            Rows::Aux => "Aux Cache",
+        }
+    }
+}
+
 /// Receives a state stream chunk by chunk; only a complete, verified stream yields a state.
 pub struct StateAssembler {
     shape: Shape,
     header: Option<Header>,
+    schedule: Option<Schedule>,
     kv: Vec<LayerKv>,
     aux: Vec<(Vec<u32>, Vec<f32>)>,
+    /// The layer and kind of the last row chunk: they only move forward.
+    last: Option<(usize, Rows)>,
     tally: Tally,
     chunks: u32,
     verified: bool,
+    /// Set by the first refused chunk: a broken stream stays refused.
+    failed: bool,
 }
 
 impl StateAssembler {
@@ -252,11 +284,14 @@ impl StateAssembler {
         Self {
             shape,
             header: None,
+            schedule: None,
             kv: (0..shape.layers).map(|_| LayerKv::new(kv_dtype)).collect(),
             aux: vec![(Vec::new(), Vec::new()); shape.layers],
+            last: None,
             tally: Tally::default(),
             chunks: 0,
             verified: false,
+            failed: false,
         }
     }
 
@@ -270,26 +305,34 @@ impl StateAssembler {
         self.chunks
     }
 
-    /// Takes the next chunk. Refuses anything after a verified trailer.
+    /// Takes the next chunk. Refuses anything after a verified trailer or a refused chunk.
     pub fn push(&mut self, chunk: StateChunk, model_id: &str) -> Result<()> {
+        if self.failed {
+            return Err(invalid("chunk after a refused one"));
+        }
         if self.verified {
             return Err(invalid("chunk after the trailer"));
         }
-        self.chunks += 1;
+        self.chunks = self.chunks.saturating_add(1);
+        let taken = self.take(chunk, model_id);
+        self.failed = taken.is_err();
+        taken
+    }
+
+    fn take(&mut self, chunk: StateChunk, model_id: &str) -> Result<()> {
         let part = chunk.part.ok_or_else(|| invalid("empty chunk"))?;
-        match (part, &self.header) {
-            (Part::Header(h), None) => self.header = Some(self.check_header(h, model_id)?),
-            (Part::Header(_), Some(_)) => return Err(invalid("second header")),
-            (_, None) => return Err(invalid("first chunk is not a header")),
-            (Part::Kv(rows), Some(h)) => {
-                let (n_tokens, encoding) = (h.tokens.len(), h.encoding);
-                self.push_kv(rows, n_tokens, encoding)?
-            }
-            (Part::Aux(rows), Some(h)) => {
-                let (n_tokens, encoding) = (h.tokens.len(), h.encoding);
-                self.push_aux(rows, n_tokens, encoding)?
-            }
-            (Part::Trailer(t), Some(_)) => {
+        let Some(h) = &self.header else {
+            let Part::Header(h) = part else { return Err(invalid("first chunk is not a header")) };
+            let (header, schedule) = self.check_header(h, model_id)?;
+            (self.header, self.schedule) = (Some(header), Some(schedule));
+            return Ok(());
+        };
+        let (n_tokens, encoding) = (h.tokens.len(), h.encoding);
+        match part {
+            Part::Header(_) => return Err(invalid("second header")),
+            Part::Kv(rows) => self.push_kv(rows, n_tokens, encoding)?,
+            Part::Aux(rows) => self.push_aux(rows, n_tokens, encoding)?,
+            Part::Trailer(t) => {
                 let ours = (self.tally.row_chunks, self.tally.bytes, self.tally.crc);
                 if ours != (t.row_chunks, t.payload_bytes, t.crc32c) {
                     return Err(invalid(format!(
@@ -303,7 +346,8 @@ impl StateAssembler {
         Ok(())
     }
 
-    fn check_header(&self, h: StateHeader, model_id: &str) -> Result<Header> {
+    /// Checks everything later chunks are measured against: shape, token count and ids, schedule.
+    fn check_header(&self, h: StateHeader, model_id: &str) -> Result<(Header, Schedule)> {
         if h.version != STATE_VERSION {
             return Err(invalid(format!("version {} (this worker reads {STATE_VERSION})", h.version)));
         }
@@ -322,26 +366,54 @@ impl StateAssembler {
         if h.tokens.is_empty() || h.sequence_id.is_empty() {
             return Err(invalid("header without tokens or sequence id"));
         }
-        Ok(Header {
+        if h.tokens.len() > shape.max_tokens {
+            return Err(StateError::Mismatch(format!("{} tokens, this model's context holds {}", h.tokens.len(), shape.max_tokens)));
+        }
+        if let Some(id) = h.tokens.iter().find(|&&id| id as usize >= shape.vocab) {
+            return Err(StateError::Mismatch(format!("token {id} is not below the vocabulary size {}", shape.vocab)));
+        }
+        let schedule = Schedule::parse(&h.prune, shape.layers).map_err(lazyserve_engine::Error::from)?;
+        let header = Header {
             sequence_id: h.sequence_id,
             tokens: h.tokens,
             prune: h.prune,
             sampling: h.sampling.ok_or_else(|| invalid("header without sampling params"))?,
             encoding,
             ttl_ms: h.ttl_ms,
-        })
+        };
+        Ok((header, schedule))
+    }
+
+    /// Checks a row chunk's layer, order and positions against the header before any of its
+    /// payload is looked at.
+    fn check_rows(&mut self, l: usize, kind: Rows, positions: &[u32], n_tokens: usize) -> Result<()> {
+        let what = kind.name();
+        if l >= self.shape.layers {
+            return Err(invalid(format!("{what} rows for layer {l} of {}", self.shape.layers)));
+        }
+        if positions.is_empty() {
+            return Err(invalid(format!("layer {l}: a {what} chunk without rows")));
+        }
+        if let Some(last) = self.last.filter(|&last| last > (l, kind)) {
+            return Err(invalid(format!("layer {l}: {what} rows after {} rows of layer {} (out of order)", last.1.name(), last.0)));
+        }
+        self.last = Some((l, kind));
+        let held = if kind == Rows::Kv { self.kv[l].len() } else { self.aux[l].0.len() };
+        if held + positions.len() > n_tokens {
+            return Err(invalid(format!("layer {l}: more {what} rows than tokens")));
+        }
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= n_tokens) {
+            return Err(invalid(format!("layer {l}: {what} position {p} is past the {n_tokens} tokens")));
+        }
+        Ok(())
     }
 
     fn push_kv(&mut self, rows: KvRows, n_tokens: usize, encoding: StateEncoding) -> Result<()> {
         let shape = self.shape;
         let l = rows.layer as usize;
+        self.check_rows(l, Rows::Kv, &rows.positions, n_tokens)?;
+        // n <= n_tokens <= the model's context: none of these products can overflow.
         let n = rows.positions.len();
-        if l >= shape.layers {
-            return Err(invalid(format!("K/V rows for layer {l} of {}", shape.layers)));
-        }
-        if self.kv[l].len() + n > n_tokens {
-            return Err(invalid(format!("layer {l}: more K/V rows than tokens")));
-        }
         let w = shape.kv_width();
         let (elem, scales) = match encoding {
             StateEncoding::F16 => (2, 0),
@@ -363,13 +435,8 @@ impl StateAssembler {
     fn push_aux(&mut self, rows: AuxRows, n_tokens: usize, encoding: StateEncoding) -> Result<()> {
         let shape = self.shape;
         let l = rows.layer as usize;
+        self.check_rows(l, Rows::Aux, &rows.positions, n_tokens)?;
         let n = rows.positions.len();
-        if l >= shape.layers {
-            return Err(invalid(format!("Aux Cache rows for layer {l} of {}", shape.layers)));
-        }
-        if self.aux[l].0.len() + n > n_tokens {
-            return Err(invalid(format!("layer {l}: more Aux Cache rows than tokens")));
-        }
         let elem = if encoding == StateEncoding::Int8 { 2 } else { 4 };
         if rows.hidden.len() != n * shape.hidden * elem {
             return Err(invalid(format!("layer {l}: Aux Cache has {} bytes for {n} rows", rows.hidden.len())));
@@ -387,11 +454,10 @@ impl StateAssembler {
 
     /// The state, once the trailer has been verified; `Truncated` before that.
     pub fn finish(self, cfg: &Config) -> Result<(Header, SequenceState)> {
-        let header = match (self.verified, self.header) {
-            (true, Some(h)) => h,
+        let (header, schedule) = match (self.verified, self.header, self.schedule) {
+            (true, Some(h), Some(s)) => (h, s),
             _ => return Err(StateError::Truncated(self.chunks)),
         };
-        let schedule = Schedule::parse(&header.prune, self.shape.layers).map_err(lazyserve_engine::Error::from)?;
         let hidden = self.shape.hidden;
         let layers = self
             .kv
@@ -432,7 +498,7 @@ mod tests {
 
     #[test]
     fn int8_rows_round_trip_within_one_step() {
-        let shape = Shape { layers: 1, kv_heads: 2, head_dim: 8, hidden: 16 };
+        let shape = Shape { layers: 1, kv_heads: 2, head_dim: 8, hidden: 16, max_tokens: 3, vocab: 10 };
         let w = shape.kv_width();
         let values: Vec<f32> = (0..3 * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let buf = KvBuf::F32(values.clone());

@@ -175,6 +175,12 @@ impl SequenceState {
                 if up && !state.has_kv(l, p) {
                     return Err(Error::InvalidState(format!("position {p} has K/V at layer {} but not at {l}", l + 1)));
                 }
+                // Decoding looks up the rows of the tokens alive since the last pruning layer:
+                // a token may only stop where the schedule prunes (a state computed under
+                // another schedule than the one it names would index rows that are not there).
+                if state.has_kv(l, p) && !up && state.schedule.keep_after(l).is_none() {
+                    return Err(Error::InvalidState(format!("layer {l}: position {p} was dropped, but the schedule does not prune there")));
+                }
                 if state.has_kv(l, p) && !up && !waiting[p as usize] && state.schedule.mode != Mode::Static {
                     return Err(Error::InvalidState(format!("layer {l}: position {p} was dropped without an Aux Cache row")));
                 }

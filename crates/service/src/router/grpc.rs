@@ -75,7 +75,7 @@ impl Generation for Router {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let timeout = grpc_timeout(request.metadata());
+        let timeout = grpc_timeout(request.metadata())?;
         let metadata = request.metadata().clone();
         let submitted = self.submit(request.into_inner().into(), timeout, &metadata).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(submitted.events).map(to_wire))))
