@@ -202,7 +202,7 @@ async fn call(endpoint: Endpoint, prompt: String) -> std::result::Result<String,
                 Some(m) => match m.event {
                     Some(Event::Chunk(c)) => text.push_str(&c.text),
                     Some(Event::Complete(_)) => return Ok(text),
-                    Some(Event::Error(e)) if e.code == "Unavailable" => return Err(Code::Unavailable),
+                    Some(Event::Error(e)) if e.code == "UNAVAILABLE" => return Err(Code::Unavailable),
                     other => panic!("unexpected {other:?}"),
                 },
                 None => return Err(Code::Unknown),
