@@ -19,6 +19,7 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic::transport::Server;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::ServingStatus;
 
 use crate::auth::KeyCheck;
@@ -135,19 +136,11 @@ pub async fn serve(
         reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
     reporter.set_service_status("", ServingStatus::Serving).await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lazyserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lazyserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, services = ?names, "serving");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel();
-    let (draining_tx, mut draining) = tokio::sync::watch::channel(false);
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let registration = roles.registration;
     let http = roles.router.clone().zip(roles.http);
     let drain = async move {
@@ -166,19 +159,7 @@ pub async fn serve(
     let generation_keys = roles.generation_keys.unwrap_or(KeyCheck::Open);
     let admin_keys = roles.admin_keys.unwrap_or(KeyCheck::Open);
     if let Some(addr) = roles.health_listen {
-        let health_listener = TcpListener::bind(addr).await?;
-        tracing::info!(addr = %health_listener.local_addr()?, "serving health only, plaintext");
-        let health = health.clone();
-        let mut draining = draining.clone();
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = draining.wait_for(|d| *d).await;
-            };
-            let served = Server::builder().add_service(health).serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), stop);
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "health listener failed");
-            }
-        });
+        spawn_health_only(addr, health.clone(), draining.clone()).await?;
     }
     // Pings find callers that vanished without a reset (a cut network), so that their
     // streams end and whatever they held is freed.
@@ -187,27 +168,15 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(roles.workers)
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_optional_service(roles.router.clone().map(|r| InterceptedService::new(r.admin_server(), admin_keys)))
         .add_optional_service(roles.router.map(|r| InterceptedService::new(r.into_server(), generation_keys.clone())));
     let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &roles.tls.server {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.grpc_incoming(listener).into_stream(), drain)),
         None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)),
     };
-    let server_tls = roles.tls.server.clone();
-    let http = async move {
-        let Some((router, listener)) = http else { return Ok(()) };
-        tracing::info!(addr = %listener.local_addr()?, tls = server_tls.is_some(), "serving the OpenAI HTTP API");
-        let stop = async move {
-            let _ = draining.wait_for(|d| *d).await;
-        };
-        let app = crate::router::http::app(router, generation_keys);
-        match server_tls {
-            Some(tls) => crate::router::http::serve(tls.http_incoming(listener), app, stop).await,
-            None => crate::router::http::serve(crate::router::http::nodelay(listener), app, stop).await,
-        }
-    };
+    let http = serve_http(http, roles.tls.server.clone(), generation_keys, draining);
     let grace_over = async move {
         if stopping_rx.await.is_ok() {
             tokio::time::sleep(grace).await;
@@ -224,6 +193,47 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reflection over lazyserve's services and health, for grpcurl and other generic clients.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lazyserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Resolves once the server starts draining.
+async fn drained(mut draining: tokio::sync::watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
+}
+
+/// A plaintext listener on `addr` with health only, until the server drains.
+async fn spawn_health_only(addr: SocketAddr, health: HealthServer<impl Health>, draining: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving health only, plaintext");
+    tokio::spawn(async move {
+        let served = Server::builder().add_service(health).serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained(draining));
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "health listener failed");
+        }
+    });
+    Ok(())
+}
+
+/// The router's OpenAI HTTP API on its listener (when it has one), until the server drains.
+async fn serve_http(
+    http: Option<(Router, TcpListener)>,
+    tls: Option<crate::tls::ServerTls>,
+    keys: KeyCheck,
+    draining: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let Some((router, listener)) = http else { return Ok(()) };
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "serving the OpenAI HTTP API");
+    let app = crate::router::http::app(router, keys);
+    match tls {
+        Some(tls) => crate::router::http::serve(tls.http_incoming(listener), app, drained(draining)).await,
+        None => crate::router::http::serve(crate::router::http::nodelay(listener), app, drained(draining)).await,
+    }
 }
 
 /// Registers a worker in etcd when `args` name etcd endpoints.
