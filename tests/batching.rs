@@ -87,7 +87,7 @@ const CASES: &[Case] = &[
 ];
 
 fn engine() -> Arc<Engine> {
-    let loaded = lazyserve_model::load(&model_path(), WeightFormat::Q8Decode).expect("model loads");
+    let loaded = lazyserve_model::load(&model_path(), WeightFormat::Q8_DECODE).expect("model loads");
     Arc::new(Engine::new(loaded, KvDtype::F16))
 }
 

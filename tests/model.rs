@@ -33,6 +33,25 @@ fn tokenizer_matches_smollm2() -> Result<()> {
     Ok(())
 }
 
+/// Streamed text (tokenizers' DecodeStream, one id at a time) adds up to the whole decode,
+/// and no delta shows half a character, on text whose characters span several tokens.
+#[test]
+fn streamed_text_is_the_decoded_text() -> Result<()> {
+    let m = load(&model_path(), WeightFormat::F32)?;
+    for s in ["héllo wörld, naïve café", "東京は日本の首都です。", "emoji 🦀🚀 and ∑ symbols", "plain ascii text, no tricks"] {
+        let ids = m.tokenizer.encode(s)?;
+        let mut stream = m.tokenizer.text_stream();
+        let mut text = String::new();
+        for &id in &ids {
+            let delta = stream.step(id).map_err(|e| anyhow::anyhow!("{e}"))?.unwrap_or_default();
+            assert!(!delta.contains('\u{FFFD}'), "{s:?}: delta {delta:?} shows a broken character");
+            text.push_str(&delta);
+        }
+        assert_eq!(text, m.tokenizer.decode(&ids)?, "{s:?}");
+    }
+    Ok(())
+}
+
 fn paris(weights: WeightFormat, kv: KvDtype) -> Result<Vec<u32>> {
     let m = load(&model_path(), weights)?;
     let req = GenerateRequest {
@@ -57,9 +76,36 @@ fn answers_paris() -> Result<()> {
 #[test]
 fn fast_settings_answer_the_same() -> Result<()> {
     let reference = paris(WeightFormat::F32, KvDtype::F32)?;
-    assert_eq!(paris(WeightFormat::Q8Decode, KvDtype::F32)?, reference);
+    assert_eq!(paris(WeightFormat::Q8_DECODE, KvDtype::F32)?, reference);
     assert_eq!(paris(WeightFormat::F32, KvDtype::F16)?, reference);
-    assert_eq!(paris(WeightFormat::Q8Decode, KvDtype::F16)?, reference);
+    assert_eq!(paris(WeightFormat::Q8_DECODE, KvDtype::F16)?, reference);
+    Ok(())
+}
+
+/// The weight copies each role keeps (f16 prompt weights; a prefill worker without the Q8_0
+/// copy; a decode worker with the Q8_0 copy alone, its prompts run on Q8_0 too) keep the
+/// f32 answer.
+#[test]
+fn every_role_s_weights_answer_the_same() -> Result<()> {
+    let reference = paris(WeightFormat::F32, KvDtype::F32)?;
+    let f16 = WeightFormat::F16_Q8_DECODE;
+    for format in [f16, f16.without_q8(), f16.without_dense_layers()] {
+        assert_eq!(paris(format, KvDtype::F16)?, reference, "{format:?}");
+    }
+    Ok(())
+}
+
+/// What each role holds, against today's f32 + Q8_0 copies: counted bytes, not timings.
+#[test]
+fn each_role_holds_at_most_two_thirds_of_the_two_copies() -> Result<()> {
+    let bytes = |format| -> Result<usize> { Ok(load(&model_path(), format)?.model.weight_bytes()) };
+    let both = bytes(WeightFormat::Q8_DECODE)?;
+    let f16 = WeightFormat::F16_Q8_DECODE;
+    for (role, format, at_most) in [("serve", f16, 0.65), ("prefill", f16.without_q8(), 0.45), ("decode", f16.without_dense_layers(), 0.35)] {
+        let ratio = bytes(format)? as f64 / both as f64;
+        eprintln!("{role}: {:.0} MiB, {ratio:.2}x", bytes(format)? as f64 / 1048576.0);
+        assert!(ratio <= at_most, "{role} holds {ratio:.2}x of f32 + Q8_0");
+    }
     Ok(())
 }
 

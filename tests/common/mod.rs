@@ -117,7 +117,7 @@ pub fn python_grpc() -> PathBuf {
 pub fn service_engine() -> &'static lazyserve_engine::Engine {
     static ENGINE: std::sync::OnceLock<lazyserve_engine::Engine> = std::sync::OnceLock::new();
     ENGINE.get_or_init(|| {
-        let loaded = lazyserve_model::load(&model_path(), lazyserve_model::WeightFormat::Q8Decode).expect("model loads");
+        let loaded = lazyserve_model::load(&model_path(), lazyserve_model::WeightFormat::Q8_DECODE).expect("model loads");
         lazyserve_engine::Engine::new(loaded, lazyserve_model::KvDtype::F16)
     })
 }

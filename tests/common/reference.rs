@@ -77,7 +77,7 @@ impl Reference {
         let last = self.tokens.len() as u32 - 1;
         let mut alive: Vec<u32> = (0..=last).collect();
         let mut hidden: BTreeMap<u32, Vec<f32>> =
-            new.iter().enumerate().map(|(i, &t)| (start + i as u32, model.embedding(t).to_vec())).collect();
+            new.iter().enumerate().map(|(i, &t)| (start + i as u32, model.embedding(t))).collect();
         for l in 0..cfg.num_hidden_layers {
             let w = model.layer_weights(l);
             // Phase 1: K/V (and Q) for every token computed at this layer.

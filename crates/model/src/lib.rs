@@ -15,7 +15,7 @@ pub use backend::Forward;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use kernels::kv::KvDtype;
-pub use model::{KvCache, LayerKv, LayerWeights, Model, Segment, WeightFormat};
+pub use model::{DenseDtype, KvCache, LayerKv, LayerWeights, Model, Segment, WeightFormat};
 pub use lazyserve_request::{load_meta, Architecture, ChatMessage, Config, ModelMeta, Tokenizer};
 pub use tensor::{DeviceSpec, TensorModel};
 

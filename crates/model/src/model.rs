@@ -10,7 +10,7 @@ use crate::backend::Forward;
 use crate::Config;
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
-use crate::kernels::linear::Linear;
+use crate::kernels::linear::{Dense, Linear};
 use crate::kernels::math::{add_assign, axpy, rms_norm, silu_mul};
 use crate::kernels::rope::Rope;
 use crate::tensor::DeviceKv;
@@ -19,16 +19,61 @@ use crate::{Error, Result};
 /// Rows at or above this count run element-wise work on all threads.
 const PAR_ROWS: usize = 32;
 
-/// How the weights are held in memory.
+/// Element type of the dense weight copies (and of the embedding table).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum WeightFormat {
-    /// f32 for every product (the reference numerics).
+pub enum DenseDtype {
     #[default]
     F32,
-    /// f32 for prompts, plus a Q8_0 copy used for decode steps (few rows), which reads
-    /// about 4x fewer bytes per token.
-    Q8Decode,
+    /// Half the bytes, widened to f32 just before each GEMM.
+    F16,
+}
+
+/// How the weights are held in memory: a dense copy for products over many rows (prompts,
+/// long revivals), a Q8_0 copy for few rows (decode steps), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WeightFormat {
+    /// Element type of the dense copies and of the embedding table.
+    pub dense: DenseDtype,
+    /// A Q8_0 copy of every linear layer, used for at most 32 rows: it reads about 4x fewer
+    /// bytes than f32.
+    pub q8: bool,
+    /// Whether the layers keep their dense copy. Without it (a decode worker that prefills
+    /// nothing) every product runs on the Q8_0 copy; the embedding table stays.
+    pub dense_layers: bool,
+}
+
+impl WeightFormat {
+    /// f32 for every product: the reference numerics.
+    pub const F32: Self = Self { dense: DenseDtype::F32, q8: false, dense_layers: true };
+    /// f32 for prompts, Q8_0 for decode steps.
+    pub const Q8_DECODE: Self = Self { q8: true, ..Self::F32 };
+    /// f16 for prompts, Q8_0 for decode steps.
+    pub const F16_Q8_DECODE: Self = Self { dense: DenseDtype::F16, ..Self::Q8_DECODE };
+
+    /// This format without the Q8_0 copy (a prefill worker never takes a decode step).
+    pub fn without_q8(self) -> Self {
+        Self { q8: false, dense_layers: true, ..self }
+    }
+
+    /// This format without the layers' dense copies, when a Q8_0 copy can take their place.
+    pub fn without_dense_layers(self) -> Self {
+        Self { dense_layers: !self.q8, ..self }
+    }
+
+    /// Gives a freshly loaded f32 layer this format; `keep_dense` for a tied output head,
+    /// whose dense copy is the embedding table.
+    fn apply(self, lin: &mut Linear, keep_dense: bool) {
+        if self.q8 {
+            lin.quantize_q8();
+        }
+        if self.dense == DenseDtype::F16 {
+            lin.dense_to_f16();
+        }
+        if !self.dense_layers && !keep_dense {
+            lin.drop_dense();
+        }
+    }
 }
 
 fn load_linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -151,14 +196,16 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let (h, b) = (cfg.hidden_size, cfg.attention_bias);
-        let qkv = Linear::concat(vec![
+        let mut qkv = Linear::concat(vec![
             load_linear(&vb.pp("q_proj"), cfg.q_dim(), h, b)?,
             load_linear(&vb.pp("k_proj"), cfg.kv_dim(), h, b)?,
             load_linear(&vb.pp("v_proj"), cfg.kv_dim(), h, b)?,
         ]);
-        let o = load_linear(&vb.pp("o_proj"), h, cfg.q_dim(), false)?;
+        let mut o = load_linear(&vb.pp("o_proj"), h, cfg.q_dim(), false)?;
+        format.apply(&mut qkv, false);
+        format.apply(&mut o, false);
         Ok(Self { qkv, o })
     }
 }
@@ -171,13 +218,16 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let gate_up = Linear::concat(vec![
+        let mut gate_up = Linear::concat(vec![
             load_linear(&vb.pp("gate_proj"), i, h, false)?,
             load_linear(&vb.pp("up_proj"), i, h, false)?,
         ]);
-        Ok(Self { gate_up, down: load_linear(&vb.pp("down_proj"), h, i, false)?, inter: i })
+        let mut down = load_linear(&vb.pp("down_proj"), h, i, false)?;
+        format.apply(&mut gate_up, false);
+        format.apply(&mut down, false);
+        Ok(Self { gate_up, down, inter: i })
     }
 
     /// `x += down(silu(gate(h)) * up(h))` with `h = norm(x)`, over stacked segments of rows.
@@ -221,12 +271,13 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// Loads one layer in `format` (one layer's f32 copy at a time is all that loading adds).
+    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         Ok(Self {
             input_layernorm: load_vec(&vb.pp("input_layernorm"), cfg.hidden_size, "weight")?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), format)?,
             post_attention_layernorm: load_vec(&vb.pp("post_attention_layernorm"), cfg.hidden_size, "weight")?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), format)?,
         })
     }
 }
@@ -234,8 +285,8 @@ impl DecoderLayer {
 /// The weights of a Llama-family decoder and its forward pass over token sets.
 pub struct Model {
     cfg: Config,
-    /// None when the embeddings are tied to the output head.
-    embed_tokens: Option<Vec<f32>>,
+    /// None when the embeddings are tied to the output head (whose dense copy it then is).
+    embed_tokens: Option<Dense>,
     layers: Vec<DecoderLayer>,
     norm: Vec<f32>,
     lm_head: Linear,
@@ -246,29 +297,24 @@ impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let m = vb.pp("model");
-        let embed = load_linear(&m.pp("embed_tokens"), v, h, false)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i), format))
             .collect::<Result<Vec<_>>>()?;
         let norm = load_vec(&m.pp("norm"), h, "weight")?;
+        let mut embed = load_linear(&m.pp("embed_tokens"), v, h, false)?;
         let tied = cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight");
         let (embed_tokens, lm_head) = if tied {
+            format.apply(&mut embed, true);
             (None, embed)
         } else {
-            (Some(embed.weight().to_vec()), load_linear(&vb.pp("lm_head"), v, h, false)?)
+            let table = Dense::F32(embed.weight().to_vec());
+            let table = if format.dense == DenseDtype::F16 { table.to_f16() } else { table };
+            let mut head = load_linear(&vb.pp("lm_head"), v, h, false)?;
+            format.apply(&mut head, false);
+            (Some(table), head)
         };
         let rope = Rope::new(&cfg.rope_inv_freq(), cfg.max_position_embeddings, cfg.rope_interleaved);
-        let mut model = Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope };
-        if format == WeightFormat::Q8Decode {
-            model.lm_head.quantize_q8();
-            for l in &mut model.layers {
-                l.self_attn.qkv.quantize_q8();
-                l.self_attn.o.quantize_q8();
-                l.mlp.gate_up.quantize_q8();
-                l.mlp.down.quantize_q8();
-            }
-        }
-        Ok(model)
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope })
     }
 
     pub fn config(&self) -> &Config {
@@ -282,7 +328,7 @@ impl Model {
         };
         self.layers.iter().map(lin).sum::<usize>()
             + self.lm_head.bytes()
-            + 4 * self.embed_tokens.as_ref().map_or(0, Vec::len)
+            + self.embed_tokens.as_ref().map_or(0, Dense::bytes)
     }
 
     /// Read-only view of layer `l`'s weights (row-major `[out][in]`), for reference
@@ -306,11 +352,15 @@ impl Model {
         }
     }
 
-    /// The embedding row of one token.
-    pub fn embedding(&self, token: u32) -> &[f32] {
-        let h = self.cfg.hidden_size;
-        let table = self.embed_tokens.as_deref().unwrap_or(self.lm_head.weight());
-        &table[token as usize * h..(token as usize + 1) * h]
+    /// The embedding row of one token (`token` inside the vocabulary).
+    pub fn embedding(&self, token: u32) -> Vec<f32> {
+        let mut row = vec![0f32; self.cfg.hidden_size];
+        self.embedding_table().row_into(token as usize, &mut row);
+        row
+    }
+
+    fn embedding_table(&self) -> &Dense {
+        self.embed_tokens.as_ref().or(self.lm_head.dense()).expect("a tied output head keeps its dense copy")
     }
 
     /// RoPE tables, shared with reference implementations.
@@ -329,14 +379,14 @@ impl Model {
     /// Embedding rows for `tokens`, `[n][hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
-        let table = self.embed_tokens.as_deref().unwrap_or(self.lm_head.weight());
-        let mut x = Vec::with_capacity(tokens.len() * h);
-        for &t in tokens {
+        let table = self.embedding_table();
+        let mut x = vec![0f32; tokens.len() * h];
+        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
             let t = t as usize;
             if t >= self.cfg.vocab_size {
                 return Err(Error::InvalidInput(format!("token id {t} outside the vocabulary of {}", self.cfg.vocab_size)));
             }
-            x.extend_from_slice(&table[t * h..(t + 1) * h]);
+            table.row_into(t, row);
         }
         Ok(x)
     }

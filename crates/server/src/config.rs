@@ -9,20 +9,26 @@ use lazyserve_engine::Engine;
 use lazyserve_model::{DeviceSpec, KvDtype, WeightFormat};
 pub use lazyserve_service::config::*;
 
-/// How weights are held; see the README for the measured trade-off.
+/// How weights are held; see the README for the measured trade-off. Each role keeps only the
+/// copies it uses: a prefill worker no Q8_0 copy, a decode worker no prompt copy unless its
+/// prefill chunk is longer than 32 tokens.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Weights {
     /// f32 for everything (reference numerics).
     F32,
     /// f32 for prompts, Q8_0 (weight-only) for decode steps: faster decode.
     Q8Decode,
+    /// f16 for prompts (widened to f32 in the GEMM), Q8_0 for decode steps: half the
+    /// prompt copy's memory.
+    F16Q8Decode,
 }
 
 impl From<Weights> for WeightFormat {
     fn from(w: Weights) -> Self {
         match w {
             Weights::F32 => WeightFormat::F32,
-            Weights::Q8Decode => WeightFormat::Q8Decode,
+            Weights::Q8Decode => WeightFormat::Q8_DECODE,
+            Weights::F16Q8Decode => WeightFormat::F16_Q8_DECODE,
         }
     }
 }
@@ -74,7 +80,7 @@ pub struct ModelArgs {
     #[arg(long, env = "LAZYSERVE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Weight format in memory.
-    #[arg(long, env = "LAZYSERVE_WEIGHTS", value_enum, default_value = "q8-decode")]
+    #[arg(long, env = "LAZYSERVE_WEIGHTS", value_enum, default_value = "f16-q8-decode")]
     pub weights: Weights,
     /// KV cache element type.
     #[arg(long, env = "LAZYSERVE_KV_DTYPE", value_enum, default_value = "f16")]
@@ -107,10 +113,15 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> anyhow::Result<Engine> {
+        self.load_for(|format| format)
+    }
+
+    /// Loads the model with the weight copies `role` keeps of `--weights` (CPU only).
+    pub fn load_for(&self, role: impl FnOnce(WeightFormat) -> WeightFormat) -> anyhow::Result<Engine> {
         self.prepare()?;
         let kv = self.kv_dtype.into();
         let engine = match self.device.candle_device()? {
-            None => Engine::new(lazyserve_model::load(&self.model, self.weights.into())?, kv),
+            None => Engine::new(lazyserve_model::load(&self.model, role(self.weights.into()))?, kv),
             Some(device) => {
                 let default = if device.is_cuda() { DeviceDtype::Bf16 } else { DeviceDtype::F32 };
                 let dtype = self.device_dtype.unwrap_or(default).into();
@@ -151,4 +162,16 @@ pub struct DecodeArgs {
     /// prefill): bounds how much a new prompt delays the tokens of running streams.
     #[arg(long, env = "LAZYSERVE_PREFILL_CHUNK_TOKENS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub prefill_chunk_tokens: u32,
+}
+
+impl DecodeArgs {
+    /// The weight copies a decode worker keeps: chunks of at most 32 tokens and decode steps
+    /// run on the Q8_0 copy, so the prompt copy stays only for longer chunks.
+    pub fn weights(&self, format: WeightFormat) -> WeightFormat {
+        if self.prefill_chunk_tokens as usize <= lazyserve_model::kernels::linear::Q8_MAX_ROWS {
+            format.without_dense_layers()
+        } else {
+            format
+        }
+    }
 }

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = cli.server.telemetry.init("lazyserve-decode-worker")?;
     tracing::info!(config = ?cli, "starting decode worker");
     let tls = cli.server.tls.load(TlsRole::Worker)?;
-    let engine = Arc::new(cli.model.load()?);
+    let engine = Arc::new(cli.model.load_for(|f| cli.decode.weights(f))?);
     let max_context = engine.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
     let metrics = cli.server.telemetry.metrics(&meta.0, "decode", telemetry.exporting()).await?;

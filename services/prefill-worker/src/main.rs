@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = cli.server.telemetry.init("lazyserve-prefill-worker")?;
     tracing::info!(config = ?cli, "starting prefill worker");
     let tls = cli.server.tls.load(TlsRole::Worker)?;
-    let engine = Arc::new(cli.model.load()?);
+    let engine = Arc::new(cli.model.load_for(|f| f.without_q8())?);
     let max_context = engine.config().max_position_embeddings as u32;
     let meta = (engine.name.clone(), max_context);
     let service = PrefillService::new(engine, &cli.prefill, Channels::new(tls.client.clone()));
