@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tokenizer::TextStream;
 use crate::{Result, Tokenizer};
 
 /// Why generation ended.
@@ -23,33 +24,6 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::Eos => "eos",
-        }
-    }
-}
-
-/// Turns a growing list of ids into text deltas, holding back bytes of a character that is
-/// not complete yet.
-#[derive(Debug, Default)]
-pub struct TextStream {
-    ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
-}
-
-impl TextStream {
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tok.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            Ok(full[prefix.len()..].to_string())
-        } else {
-            Ok(String::new())
         }
     }
 }
@@ -92,7 +66,7 @@ impl StopMatcher {
 pub struct Output<'a> {
     tokenizer: &'a Tokenizer,
     stops: StopMatcher,
-    stream: TextStream,
+    stream: TextStream<'a>,
     text: String,
     emitted: usize,
     token_ids: Vec<u32>,
@@ -113,7 +87,7 @@ impl<'a> Output<'a> {
         Self {
             tokenizer,
             stops: StopMatcher::new(stop),
-            stream: TextStream::default(),
+            stream: tokenizer.text_stream(),
             text: String::new(),
             emitted: 0,
             token_ids: Vec::new(),
@@ -128,8 +102,8 @@ impl<'a> Output<'a> {
             return Ok(self.finish(FinishReason::Eos));
         }
         self.token_ids.push(id);
-        let delta = self.stream.push(self.tokenizer, id)?;
-        self.text.push_str(&delta);
+        let delta = self.stream.step(id).map_err(crate::tokenizer::tok_err)?;
+        self.text.push_str(delta.as_deref().unwrap_or_default());
         if let Some(at) = self.stops.find(&self.text) {
             self.text.truncate(at);
             return Ok(self.finish(FinishReason::Stop));

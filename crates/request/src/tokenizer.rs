@@ -11,7 +11,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, SplitDelimiterBehavior};
 
 use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
@@ -56,7 +56,11 @@ impl ChatTemplate {
     }
 }
 
-fn tok_err(e: impl std::fmt::Display) -> Error {
+/// tokenizers' incremental detokenizer: each id gives the text it completes, holding back
+/// the bytes of a character that is not complete yet.
+pub type TextStream<'a> = tokenizers::DecodeStream<'a, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+
+pub(crate) fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
@@ -197,6 +201,11 @@ impl Tokenizer {
     /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// Incremental detokenization of generated ids, special tokens skipped as in [`decode`](Self::decode).
+    pub fn text_stream(&self) -> TextStream<'_> {
+        self.inner.decode_stream(true)
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
