@@ -89,11 +89,10 @@ impl MetricsService for Collector {
 /// Starts decode, prefill and router processes with `env` set.
 async fn three(env: &[(&str, String)], router_args: &[&str]) -> (Proc, Proc, Proc) {
     let spawn = |bin: &str, args: &[&str]| Proc::spawn_env(bin, args, env);
-    let mut decode = spawn("lazyserve-decode-worker", &["--metrics-listen", &format!("127.0.0.1:{}", free_port())]);
-    let mut prefill = spawn("lazyserve-prefill-worker", &["--metrics-listen", &format!("127.0.0.1:{}", free_port())]);
+    let mut decode = spawn("lazyserve-decode-worker", &["--metrics-listen", "127.0.0.1:0"]);
+    let mut prefill = spawn("lazyserve-prefill-worker", &["--metrics-listen", "127.0.0.1:0"]);
     let mut args = vec!["--prefill-workers", &prefill.addr, "--decode-workers", &decode.addr];
-    let metrics = format!("127.0.0.1:{}", free_port());
-    args.extend_from_slice(&["--metrics-listen", &metrics]);
+    args.extend_from_slice(&["--metrics-listen", "127.0.0.1:0"]);
     args.extend_from_slice(router_args);
     let mut router = spawn("lazyserve-router", &args);
     decode.ready().await;
@@ -228,7 +227,7 @@ fn http_get(port: u16, path: &str) -> Result<String> {
 async fn prometheus_scrapes_every_service() -> Result<()> {
     let (decode, prefill, router) = three(&[], &[]).await;
     let targets: Vec<String> = [&decode, &prefill, &router].iter().map(|p| metrics_addr(p)).collect();
-    let dir = std::env::temp_dir().join(format!("lazyserve-prometheus-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!("lazyserve-prometheus-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("prometheus.yml");
     std::fs::write(
@@ -293,10 +292,12 @@ impl Drop for Killed {
     }
 }
 
+/// The metrics address a ready process logged when it bound its `--metrics-listen` port.
 fn metrics_addr(p: &Proc) -> String {
-    let args = p.args.clone();
-    let i = args.iter().position(|a| a == "--metrics-listen").expect("has --metrics-listen");
-    args[i + 1].clone()
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.contains("metrics on /metrics")).unwrap_or_else(|| panic!("{} logged no metrics address:\n{log}", p.addr));
+    let at = line.find("addr=").expect("the line names its address") + "addr=".len();
+    line[at..].split_whitespace().next().expect("an address").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,12 @@ pub struct Etcd {
     pub data_dir: PathBuf,
 }
 
+/// A number no other call in this process gets, for temporary names.
+pub fn unique() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Etcd {
     pub fn start() -> Self {
         Self::start_with(None)
@@ -29,10 +35,22 @@ impl Etcd {
     }
 
     fn start_with(tls: Option<PathBuf>) -> Self {
-        let data_dir = std::env::temp_dir().join(format!("lazyserve-etcd-{}-{}", std::process::id(), free_port()));
-        let mut etcd = Self { child: None, client_port: free_port(), peer_port: free_port(), tls, data_dir };
-        etcd.run();
+        let data_dir = std::env::temp_dir().join(format!("lazyserve-etcd-{}-{}", std::process::id(), unique()));
+        let mut etcd = Self { child: None, client_port: 0, peer_port: 0, tls, data_dir };
+        // etcd cannot report a port it picked, and a free port can be taken before etcd binds
+        // it: new ports when etcd exits without listening.
+        for attempt in 1.. {
+            (etcd.client_port, etcd.peer_port) = (free_port(), free_port());
+            if etcd.run() {
+                break;
+            }
+            assert!(attempt < 5, "etcd exited before listening, {attempt} times:\n{}", etcd.log());
+        }
         etcd
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
     /// `http://127.0.0.1:PORT`, or `https://` with TLS.
@@ -57,7 +75,8 @@ impl Etcd {
         Ok(())
     }
 
-    fn run(&mut self) {
+    /// Starts etcd and waits until it listens; false when it exited first.
+    fn run(&mut self) -> bool {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.data_dir.with_extension("log")).expect("etcd log");
         let mut cmd = Command::new("etcd");
@@ -75,12 +94,17 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("etcd starts (apt-get install etcd-server; scripts/setup.sh does)");
-        self.child = Some(child);
+        let child = self.child.insert(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "etcd did not listen within 20 s");
+            if child.try_wait().ok().flatten().is_some() {
+                self.child = None;
+                return false;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "etcd did not listen within 20 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+        true
     }
 
     /// Stops the server (SIGKILL: an outage, not a goodbye).
@@ -98,7 +122,7 @@ impl Etcd {
         if wipe {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
-        self.run();
+        assert!(self.run(), "etcd did not start again on its ports:\n{}", self.log());
     }
 }
 
@@ -119,7 +143,7 @@ pub struct DevCerts {
 
 impl DevCerts {
     pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("lazyserve-certs-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!("lazyserve-certs-{}-{}", std::process::id(), unique()));
         let out = Command::new(crate::repo_root().join("scripts/dev-certs.sh")).arg(&dir).output().expect("dev-certs.sh runs");
         assert!(out.status.success(), "dev-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
         Self { dir }
