@@ -20,6 +20,7 @@ pub enum Weights {
     Q8Decode,
     /// f16 for prompts (widened to f32 in the GEMM), Q8_0 for decode steps: half the
     /// prompt copy's memory.
+    #[value(name = "f16-q8-decode")]
     F16Q8Decode,
 }
 
@@ -79,7 +80,8 @@ pub struct ModelArgs {
     /// GGUF file or Hugging Face checkpoint folder.
     #[arg(long, env = "LAZYSERVE_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Weight format in memory.
+    /// Weight format in memory. A prefill worker keeps no Q8_0 copy; a decode worker keeps
+    /// only the Q8_0 copy unless --prefill-chunk-tokens is over 32.
     #[arg(long, env = "LAZYSERVE_WEIGHTS", value_enum, default_value = "f16-q8-decode")]
     pub weights: Weights,
     /// KV cache element type.
