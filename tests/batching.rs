@@ -113,36 +113,71 @@ fn drain(batcher: &mut Batcher<Collect>) {
     }
 }
 
+/// The tokens of `case` stepped alone: a remote state decodes with the plain unbatched step;
+/// a local prompt runs in a loop of its own (its chunking is the same in any batch).
+fn alone_tokens(engine: &Arc<Engine>, case: &Case, key: u32) -> Result<Vec<u32>> {
+    let (j, sink) = join(engine, case, key)?;
+    let tokens = match j.start {
+        Start::Prefilled { mut state, first_token } => {
+            let mut sampler = j.sampler;
+            let mut tokens = vec![first_token];
+            let eos = engine.tokenizer.eos_ids();
+            while tokens.len() < MAX_TOKENS && !eos.contains(tokens.last().unwrap()) {
+                tokens.push(engine.decode_step(&mut state, &mut sampler, *tokens.last().unwrap())?);
+            }
+            tokens
+        }
+        start => {
+            let mut one = Batcher::new(engine.clone(), BatchConfig { prefill_chunk: CHUNK });
+            one.join(Join { start, ..j });
+            drain(&mut one);
+            assert!(sink.done(), "{} words, {} finished", case.words, case.prune);
+            sink.tokens()
+        }
+    };
+    assert!(tokens.len() > 1, "{} words, {} decodes", case.words, case.prune);
+    Ok(tokens)
+}
+
+/// A sequence whose step panics part-way through a batched step (its last layer's keys are
+/// gone, after every sequence's earlier layers changed their states) fails alone: the
+/// others are put back as they were, stepped one by one, and give their tokens alone.
+#[test]
+fn a_step_that_panics_fails_only_its_sequence() -> Result<()> {
+    let engine = engine();
+    let healthy = [&CASES[2], &CASES[3], &CASES[5], &CASES[7]];
+    let mut batcher = Batcher::new(engine.clone(), BatchConfig { prefill_chunk: CHUNK });
+    let mut sinks = Vec::new();
+    for (i, case) in healthy.iter().enumerate() {
+        let (j, sink) = join(&engine, case, 2000 + i as u32)?;
+        batcher.join(j);
+        sinks.push(sink);
+    }
+    let (bad, bad_sink) = join(&engine, &CASES[4], 2999)?;
+    let Start::Prefilled { mut state, first_token } = bad.start else { panic!("case 4 is prefilled remotely") };
+    let last = state.layers.len() - 1;
+    let dtype = state.layers[last].kv.k.dtype();
+    state.layers[last].kv.k = lazyserve_model::kernels::kv::KvBuf::new(dtype);
+    batcher.join(Join { start: Start::Prefilled { state, first_token }, ..bad });
+    drain(&mut batcher);
+
+    let failed = bad_sink.events.borrow().iter().any(|e| matches!(e, Event::Failed(lazyserve_engine::Error::Step(_))));
+    assert!(failed && !bad_sink.done(), "the broken sequence failed: {:?}", bad_sink.events.borrow().last());
+    for (i, (case, sink)) in healthy.iter().zip(&sinks).enumerate() {
+        assert!(sink.done(), "{} words, {}: finished", case.words, case.prune);
+        assert_eq!(sink.tokens(), alone_tokens(&engine, case, 2000 + i as u32)?, "{} words, {}: beside a broken sequence vs alone", case.words, case.prune);
+    }
+    Ok(())
+}
+
 #[test]
 fn batched_greedy_tokens_equal_each_sequence_alone() -> Result<()> {
     let engine = engine();
     let cfg = BatchConfig { prefill_chunk: CHUNK };
 
-    // Alone: a remote state decodes with the plain unbatched step; a local prompt runs in a
-    // loop of its own (its chunking is the same in any batch).
     let mut alone = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
-        let (j, sink) = join(&engine, case, 1000 + i as u32)?;
-        let tokens = match j.start {
-            Start::Prefilled { mut state, first_token } => {
-                let mut sampler = j.sampler;
-                let mut tokens = vec![first_token];
-                let eos = engine.tokenizer.eos_ids();
-                while tokens.len() < MAX_TOKENS && !eos.contains(tokens.last().unwrap()) {
-                    tokens.push(engine.decode_step(&mut state, &mut sampler, *tokens.last().unwrap())?);
-                }
-                tokens
-            }
-            start => {
-                let mut one = Batcher::new(engine.clone(), cfg);
-                one.join(Join { start, ..j });
-                drain(&mut one);
-                assert!(sink.done(), "case {i} finished");
-                sink.tokens()
-            }
-        };
-        assert!(tokens.len() > 1, "case {i} decodes");
-        alone.push(tokens);
+        alone.push(alone_tokens(&engine, case, 1000 + i as u32)?);
     }
     // A prompt that fits one chunk is prefilled exactly as `generate` does it.
     let short = engine.tokenizer.encode(&prose(CASES[0].words, 1000))?;

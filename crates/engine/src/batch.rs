@@ -11,6 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::Backend;
 use crate::lazy::{Schedule, SequenceState, StepInput};
 use crate::sampling::Sampler;
 use crate::{Engine, Error};
@@ -99,6 +100,44 @@ enum Work {
     Chunk(usize),
 }
 
+/// Steps `inputs` together; when that step fails (an error or a panic), puts every state
+/// back as it was and steps each sequence alone, so that one bad sequence fails alone and
+/// the others go on with the results they would have had (a row's result does not depend
+/// on the rows beside it). One result per input: logits, or why its step failed.
+fn step_isolated(backend: &Backend, inputs: &mut [StepInput<'_>]) -> Vec<std::result::Result<Option<Vec<f32>>, String>> {
+    let run = |inputs: &mut [StepInput<'_>]| match std::panic::catch_unwind(AssertUnwindSafe(|| backend.step_batch(inputs, &mut |_, _, _| Ok(())))) {
+        Ok(Ok(logits)) => Ok(logits),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the step panicked".to_string()),
+    };
+    let why = match run(inputs) {
+        Ok(logits) => return logits.into_iter().map(Ok).collect(),
+        Err(why) => why,
+    };
+    for input in inputs.iter_mut() {
+        input.state.rollback();
+    }
+    if inputs.len() == 1 {
+        tracing::error!(error = %why, "step failed; failing its sequence");
+        return vec![Err(why)];
+    }
+    tracing::warn!(error = %why, sequences = inputs.len(), "batched step failed; stepping its sequences one by one");
+    inputs
+        .iter_mut()
+        .map(|input| {
+            let alone = run(std::slice::from_mut(input));
+            match alone {
+                Ok(mut logits) => Ok(logits.pop().flatten()),
+                Err(why) => {
+                    input.state.rollback();
+                    tracing::error!(error = %why, "step failed; failing its sequence");
+                    Err(why)
+                }
+            }
+        })
+        .collect()
+}
+
 /// The sequences of one decode loop. Not thread-safe by design: one thread owns it.
 pub struct Batcher<S: Sink> {
     engine: Arc<Engine>,
@@ -168,29 +207,19 @@ impl<S: Sink> Batcher<S> {
             };
             inputs.push(StepInput { state, tokens, partial });
         }
-        let backend = &self.engine.backend;
-        // A panic in the step fails the sequences of this iteration, not the loop.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| backend.step_batch(&mut inputs, &mut |_, _, _| Ok(()))));
+        let results = step_isolated(&self.engine.backend, &mut inputs);
         drop(inputs);
-        let logits = match result {
-            Ok(Ok(logits)) => logits,
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "the step panicked".to_string(),
-                };
-                tracing::error!(error = %why, sequences = plan.len(), "batched step failed; failing its sequences");
-                for &(i, _) in plan.iter().rev() {
-                    let mut seq = self.seqs.remove(i);
-                    seq.sink.send(Event::Failed(Error::Step(why.clone())));
-                }
-                return plan.len();
-            }
-        };
         let stepped = plan.len();
         let mut leaving = Vec::new();
-        for ((i, work), logits) in plan.into_iter().zip(logits) {
-            if !self.advance(i, work, logits) {
+        for ((i, work), result) in plan.into_iter().zip(results) {
+            let stays = match result {
+                Ok(logits) => self.advance(i, work, logits),
+                Err(why) => {
+                    self.seqs[i].sink.send(Event::Failed(Error::Step(why)));
+                    false
+                }
+            };
+            if !stays {
                 leaving.push(i);
             }
         }

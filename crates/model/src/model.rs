@@ -121,6 +121,18 @@ impl LayerKv {
     pub fn bytes(&self) -> usize {
         4 * self.positions.len() + self.k.bytes() + self.v.bytes()
     }
+
+    /// Keeps the first `rows` rows (the device copy is dropped; it is uploaded again).
+    pub fn truncate(&mut self, rows: usize) {
+        if rows >= self.positions.len() {
+            return;
+        }
+        let width = self.k.len() / self.positions.len();
+        self.positions.truncate(rows);
+        self.k.truncate(rows * width);
+        self.v.truncate(rows * width);
+        self.device = None;
+    }
 }
 
 /// Per-sequence attention state: one [`LayerKv`] per layer.

@@ -103,6 +103,7 @@ pub fn step_batch<F: Forward>(
     let mut runs = Vec::with_capacity(inputs.len());
     for (input, x) in inputs.iter_mut().zip(embedded) {
         let state = &mut *input.state;
+        state.begin_step();
         let start = state.tokens.len();
         let prefill = state.prompt_len == 0;
         state.push_tokens(input.tokens);
@@ -180,7 +181,7 @@ pub fn step_batch<F: Forward>(
                 if l + 1 < num_layers {
                     let hidden = model.download(x)?;
                     for (p, row) in run.compute.iter().zip(hidden.chunks_exact(h)) {
-                        state.layers[l].aux.insert(*p, row);
+                        state.aux_insert(l, *p, row);
                     }
                 }
                 run.done = true;
@@ -199,6 +200,9 @@ pub fn step_batch<F: Forward>(
         last_rows.push(model.gather(x, &[model.row_count(x) as u32 - 1])?);
     }
     let mut logits = if last_rows.is_empty() { Vec::new() } else { model.logits_batch(&model.concat(last_rows)?)? }.into_iter();
+    for input in inputs.iter_mut() {
+        input.state.commit();
+    }
     Ok(runs.iter().map(|r| if r.stop_after.is_none() { logits.next() } else { None }).collect())
 }
 
@@ -244,7 +248,7 @@ fn prune<F: Forward>(
     if !dropped.is_empty() {
         let hidden = model.download(model.gather(&x, &dropped)?)?;
         for (&row, values) in dropped.iter().zip(hidden.chunks_exact(h)) {
-            state.layers[l].aux.insert(run.compute[row as usize], values);
+            state.aux_insert(l, run.compute[row as usize], values);
         }
     }
     let mut next_x = if kept.len() == run.compute.len() { x } else { model.gather(&x, &kept)? };
@@ -256,10 +260,9 @@ fn prune<F: Forward>(
         .filter(|&p| next_layer.row_of[p as usize] == NONE && run.compute.binary_search(&p).is_err())
         .collect();
     if !revive.is_empty() {
-        let aux = &mut state.layers[l].aux;
         let mut hidden = Vec::with_capacity(revive.len() * h);
         for &p in &revive {
-            hidden.extend(aux.take(p).ok_or(Error::Internal("revived token missing from the Aux Cache"))?);
+            hidden.extend(state.aux_take(l, p).ok_or(Error::Internal("revived token missing from the Aux Cache"))?);
         }
         let stacked = model.concat(vec![next_x, model.upload(hidden)?])?;
         // Back in position order.
@@ -272,7 +275,7 @@ fn prune<F: Forward>(
     }
     if !stash {
         // Static pruning never revives: prompt chunks left here are dropped for good.
-        state.layers[l].aux.clear();
+        state.aux_clear(l);
     }
     run.compute = next_compute;
     run.x = Some(next_x);

@@ -46,19 +46,20 @@ impl AuxCache {
         4 * (self.positions.len() + self.hidden.len())
     }
 
-    pub(crate) fn insert(&mut self, position: u32, hidden: &[f32]) {
+    fn insert(&mut self, position: u32, hidden: &[f32]) {
         debug_assert!(!self.positions.contains(&position), "a token is computed once per layer");
         self.positions.push(position);
         self.hidden.extend_from_slice(hidden);
     }
 
-    pub(crate) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.positions.clear();
         self.hidden.clear();
     }
 
-    /// Removes and returns the hidden state of `position`.
-    pub(crate) fn take(&mut self, position: u32) -> Option<Vec<f32>> {
+    /// Removes and returns the hidden state of `position`, with the index it had (the last
+    /// row moves there).
+    fn take(&mut self, position: u32) -> Option<(usize, Vec<f32>)> {
         let i = self.positions.iter().position(|&p| p == position)?;
         let w = self.width;
         let row = self.hidden[i * w..(i + 1) * w].to_vec();
@@ -68,7 +69,29 @@ impl AuxCache {
             self.hidden.copy_within(last * w..(last + 1) * w, i * w);
         }
         self.hidden.truncate(last * w);
-        Some(row)
+        Some((i, row))
+    }
+
+    /// Undoes [`take`](Self::take): the row at `index` moves back to the end, and `row`
+    /// takes its place.
+    fn put_back(&mut self, index: usize, position: u32, row: &[f32]) {
+        let w = self.width;
+        if index == self.positions.len() {
+            self.insert(position, row);
+            return;
+        }
+        let moved = self.positions[index];
+        self.positions[index] = position;
+        self.positions.push(moved);
+        self.hidden.extend_from_within(index * w..(index + 1) * w);
+        self.hidden[index * w..(index + 1) * w].copy_from_slice(row);
+    }
+
+    /// Undoes the last [`insert`](Self::insert).
+    fn pop(&mut self) {
+        if self.positions.pop().is_some() {
+            self.hidden.truncate(self.positions.len() * self.width);
+        }
     }
 }
 
@@ -91,6 +114,29 @@ pub struct LazyStats {
     pub revived: usize,
 }
 
+/// An Aux Cache change a step made, to undo.
+#[derive(Debug, Clone)]
+enum AuxUndo {
+    /// A row appended at `layer`.
+    Insert { layer: usize },
+    /// `row` of `position` taken from index `index` at `layer` (the last row moved there).
+    Take { layer: usize, index: usize, position: u32, row: Vec<f32> },
+    /// `layer`'s Aux Cache as it was before a clear.
+    Clear { layer: usize, aux: AuxCache },
+}
+
+/// What a state looked like when its current step began, and the Aux Cache changes made
+/// since: enough to put the state back as it was if the step fails part-way.
+#[derive(Debug, Clone)]
+struct Journal {
+    tokens: usize,
+    prompt_len: usize,
+    stats: LazyStats,
+    /// K/V rows per layer.
+    kv_rows: Vec<usize>,
+    aux: Vec<AuxUndo>,
+}
+
 /// Everything one sequence needs between steps.
 #[derive(Debug, Clone)]
 pub struct SequenceState {
@@ -102,6 +148,8 @@ pub struct SequenceState {
     pub seed: u64,
     pub layers: Vec<LayerState>,
     pub stats: LazyStats,
+    /// Set while a step runs.
+    journal: Option<Journal>,
 }
 
 impl SequenceState {
@@ -114,6 +162,7 @@ impl SequenceState {
             seed,
             layers: vec![layer; cfg.num_hidden_layers],
             stats: LazyStats { computed: vec![0; cfg.num_hidden_layers], revived: 0 },
+            journal: None,
         }
     }
 
@@ -189,6 +238,73 @@ impl SequenceState {
         Ok(state)
     }
 
+    /// Starts a step: from here until [`commit`](Self::commit), [`rollback`](Self::rollback)
+    /// can undo what the step changes.
+    pub(crate) fn begin_step(&mut self) {
+        self.journal = Some(Journal {
+            tokens: self.tokens.len(),
+            prompt_len: self.prompt_len,
+            stats: self.stats.clone(),
+            kv_rows: self.layers.iter().map(|l| l.kv.len()).collect(),
+            aux: Vec::new(),
+        });
+    }
+
+    /// Ends a step that succeeded.
+    pub(crate) fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Puts the state back as it was when the step that failed began (a batched step that
+    /// failed is run again sequence by sequence, so that one bad sequence fails alone).
+    /// False when no step was running.
+    pub fn rollback(&mut self) -> bool {
+        let Some(j) = self.journal.take() else { return false };
+        for undo in j.aux.into_iter().rev() {
+            match undo {
+                AuxUndo::Insert { layer } => self.layers[layer].aux.pop(),
+                AuxUndo::Take { layer, index, position, row } => self.layers[layer].aux.put_back(index, position, &row),
+                AuxUndo::Clear { layer, aux } => self.layers[layer].aux = aux,
+            }
+        }
+        for (layer, rows) in self.layers.iter_mut().zip(j.kv_rows) {
+            layer.kv.truncate(rows);
+            layer.row_of.truncate(j.tokens);
+            // Rows added by the step (new tokens, revived ones) are gone again.
+            layer.row_of.iter_mut().filter(|r| **r != NONE && **r as usize >= rows).for_each(|r| *r = NONE);
+        }
+        self.tokens.truncate(j.tokens);
+        self.prompt_len = j.prompt_len;
+        self.stats = j.stats;
+        true
+    }
+
+    /// Appends `position`'s hidden state to layer `l`'s Aux Cache.
+    pub(crate) fn aux_insert(&mut self, l: usize, position: u32, hidden: &[f32]) {
+        self.layers[l].aux.insert(position, hidden);
+        if let Some(j) = &mut self.journal {
+            j.aux.push(AuxUndo::Insert { layer: l });
+        }
+    }
+
+    /// Removes and returns `position`'s hidden state from layer `l`'s Aux Cache.
+    pub(crate) fn aux_take(&mut self, l: usize, position: u32) -> Option<Vec<f32>> {
+        let (index, row) = self.layers[l].aux.take(position)?;
+        if let Some(j) = &mut self.journal {
+            j.aux.push(AuxUndo::Take { layer: l, index, position, row: row.clone() });
+        }
+        Some(row)
+    }
+
+    /// Empties layer `l`'s Aux Cache.
+    pub(crate) fn aux_clear(&mut self, l: usize) {
+        let aux = &mut self.layers[l].aux;
+        match &mut self.journal {
+            Some(j) if !aux.is_empty() => j.aux.push(AuxUndo::Clear { layer: l, aux: std::mem::replace(aux, AuxCache::new(aux.width)) }),
+            _ => aux.clear(),
+        }
+    }
+
     pub(crate) fn push_tokens(&mut self, tokens: &[u32]) {
         self.tokens.extend_from_slice(tokens);
         for layer in &mut self.layers {
@@ -215,5 +331,39 @@ impl SequenceState {
         let n = self.prompt_len as u32;
         let done: usize = (0..self.layers.len()).map(|l| (0..n).filter(|&p| self.has_kv(l, p)).count()).sum();
         done as f64 / (self.prompt_len.max(1) * self.layers.len()) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollback_undoes_aux_inserts_takes_and_clears_in_order() {
+        let cfg = Config::from_hf_json(include_str!("../../../../tests/tiny-config.json")).expect("tiny config");
+        let row = |v: u32| vec![v as f32; cfg.hidden_size];
+        let mut s = SequenceState::new(&cfg, Schedule::off(), KvDtype::F32, 0);
+        s.push_tokens(&[10, 11, 12, 13, 14]);
+        for p in 0..4 {
+            s.aux_insert(0, p, &row(p));
+        }
+        s.aux_insert(1, 4, &row(4));
+        let before = s.layers.iter().map(|l| l.aux.clone()).collect::<Vec<_>>();
+
+        s.begin_step();
+        s.push_tokens(&[15]);
+        s.aux_insert(0, 5, &row(5));
+        assert_eq!(s.aux_take(0, 1), Some(row(1)), "a middle row; the last moves into its place");
+        s.aux_insert(0, 1, &row(1));
+        assert_eq!(s.aux_take(0, 0), Some(row(0)));
+        assert_eq!(s.aux_take(0, 1), Some(row(1)), "the last row");
+        s.aux_clear(1);
+        assert!(s.layers[1].aux.is_empty());
+        assert!(s.rollback());
+
+        assert_eq!(s.layers.iter().map(|l| l.aux.clone()).collect::<Vec<_>>(), before, "every Aux Cache as it was, rows in order");
+        assert_eq!(s.tokens, [10, 11, 12, 13, 14]);
+        assert!(s.layers.iter().all(|l| l.row_of.len() == 5));
+        assert!(!s.rollback(), "nothing left to undo");
     }
 }

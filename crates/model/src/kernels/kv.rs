@@ -62,6 +62,14 @@ impl KvBuf {
         }
     }
 
+    /// Keeps the first `n` values.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            Self::F32(v) => v.truncate(n),
+            Self::F16(v) => v.truncate(n),
+        }
+    }
+
     pub fn reserve(&mut self, n: usize) {
         match self {
             Self::F32(v) => v.reserve(n),
