@@ -234,16 +234,7 @@ async fn prometheus_scrapes_every_service() -> Result<()> {
         &config,
         format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lazyserve\n    static_configs:\n      - targets: {targets:?}\n"),
     )?;
-    let port = free_port();
-    let prometheus = Killed(
-        std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
-            .spawn()
-            .expect("prometheus starts (apt-get install prometheus; scripts/setup.sh does)"),
-    );
+    let (prometheus, port) = start_prometheus(&config, &dir)?;
 
     let requests = 3;
     for i in 0..requests {
@@ -280,6 +271,32 @@ async fn prometheus_scrapes_every_service() -> Result<()> {
     assert!(value(&iterations)? > 0.0, "{iterations}");
     assert_eq!(value(&iterations)?, value(&stepped)?, "{iterations} {stepped}");
     Ok(())
+}
+
+/// Prometheus on a free port, ready; a new port when it exits first (Prometheus cannot
+/// report a port it picked, and a free port can be taken before it binds it).
+fn start_prometheus(config: &std::path::Path, dir: &std::path::Path) -> Result<(Killed, u16)> {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut prometheus = Killed(
+            std::process::Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+                .spawn()
+                .expect("prometheus starts (apt-get install prometheus; scripts/setup.sh does)"),
+        );
+        let start = Instant::now();
+        while prometheus.0.try_wait()?.is_none() {
+            if http_get(port, "/-/ready").is_ok_and(|b| b.contains("Ready")) {
+                return Ok((prometheus, port));
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "prometheus not ready after 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    anyhow::bail!("prometheus exited before serving, 5 times: {}", std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default())
 }
 
 /// A child process killed and reaped when dropped.
