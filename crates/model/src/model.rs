@@ -38,8 +38,9 @@ pub struct WeightFormat {
     /// A Q8_0 copy of every linear layer, used for at most 32 rows: it reads about 4x fewer
     /// bytes than f32.
     pub q8: bool,
-    /// Whether the layers keep their dense copy. Without it (a decode worker that prefills
-    /// nothing) every product runs on the Q8_0 copy; the embedding table stays.
+    /// Whether the layers keep their dense copy. Without it (a decode worker, whose prompt
+    /// chunks fit the Q8_0 kernel) every product runs on the Q8_0 copy; the embedding table
+    /// stays.
     pub dense_layers: bool,
 }
 

@@ -355,8 +355,8 @@ mod tests {
         s.aux_insert(0, 5, &row(5));
         assert_eq!(s.aux_take(0, 1), Some(row(1)), "a middle row; the last moves into its place");
         s.aux_insert(0, 1, &row(1));
-        assert_eq!(s.aux_take(0, 0), Some(row(0)));
-        assert_eq!(s.aux_take(0, 1), Some(row(1)), "the last row");
+        assert_eq!(s.aux_take(0, 0), Some(row(0)), "the first row; 1, inserted last, moves there");
+        assert_eq!(s.aux_take(0, 1), Some(row(1)), "a row that moved");
         s.aux_clear(1);
         assert!(s.layers[1].aux.is_empty());
         assert!(s.rollback());

@@ -57,7 +57,8 @@ impl Dense {
 pub struct Linear {
     pub in_dim: usize,
     pub out_dim: usize,
-    /// None when the layer keeps its Q8_0 copy only (a decode worker without local prefill).
+    /// None when the layer keeps its Q8_0 copy only (a decode worker, whose prompt chunks fit
+    /// the Q8_0 kernel).
     dense: Option<Dense>,
     bias: Option<Vec<f32>>,
     q8: Option<Q8Matrix>,
