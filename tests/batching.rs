@@ -103,7 +103,7 @@ fn join(engine: &Engine, case: &Case, key: u32) -> Result<(Join<Collect>, Collec
     } else {
         Start::Prompt { prompt_ids, schedule }
     };
-    Ok((Join { start, sampler, max_tokens: MAX_TOKENS, sink: sink.clone() }, sink))
+    Ok((Join { start, sampler, max_tokens: MAX_TOKENS, sink: sink.clone(), replay: Vec::new() }, sink))
 }
 
 /// Runs the loop until every sequence has left it.

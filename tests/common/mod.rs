@@ -112,8 +112,9 @@ pub fn python_grpc() -> PathBuf {
     python
 }
 
-/// The model as the service workers load it by default (q8-decode weights, f16 KV), loaded
-/// once per test binary.
+/// The model with f32 prompt weights and every copy in one process (q8-decode weights, f16
+/// KV), loaded once per test binary: the services, which run f16 prompt weights and keep
+/// only their role's copies, must give its tokens.
 pub fn service_engine() -> &'static lazyserve_engine::Engine {
     static ENGINE: std::sync::OnceLock<lazyserve_engine::Engine> = std::sync::OnceLock::new();
     ENGINE.get_or_init(|| {

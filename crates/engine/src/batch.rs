@@ -32,6 +32,11 @@ pub struct Join<S> {
     /// Tokens to produce in all, the prefill's first token included.
     pub max_tokens: usize,
     pub sink: S,
+    /// Tokens a stream that moved here from a failed worker already delivered, the first one
+    /// included: produced in order instead of sampled, and not sent again (except as the
+    /// `Prefilled` first token of a prompt prefilled here). For a prefilled state the first
+    /// one replaces its `first_token`. The sampler must stand where it would after them.
+    pub replay: Vec<u32>,
 }
 
 /// What a sequence produces, in order: `Prefilled` (prompts prefilled here only), then
@@ -71,6 +76,8 @@ struct Seq<S> {
     /// The token to run next once decoding.
     last: u32,
     produced: usize,
+    /// Replayed tokens still to produce instead of sampling.
+    forced: std::collections::VecDeque<u32>,
     joined: Instant,
 }
 
@@ -166,8 +173,9 @@ impl<S: Sink> Batcher<S> {
 
     /// Adds a sequence; it runs from the next iteration on.
     pub fn join(&mut self, join: Join<S>) {
-        let Join { start, sampler, max_tokens, mut sink } = join;
+        let Join { start, sampler, max_tokens, mut sink, replay } = join;
         let engine = &self.engine;
+        let mut forced: std::collections::VecDeque<u32> = replay.into();
         let (state, prompt, last, produced) = match start {
             Start::Prompt { prompt_ids, .. } if prompt_ids.is_empty() => {
                 sink.send(Event::Failed(Error::InvalidParameter { field: "prompt", reason: "is empty".into() }));
@@ -177,9 +185,9 @@ impl<S: Sink> Batcher<S> {
                 let seed = sampler.params().seed;
                 (Box::new(SequenceState::new(engine.config(), schedule, engine.kv_dtype, seed)), prompt_ids, 0, 0)
             }
-            Start::Prefilled { state, first_token } => (state, Vec::new(), first_token, 1),
+            Start::Prefilled { state, first_token } => (state, Vec::new(), forced.pop_front().unwrap_or(first_token), 1),
         };
-        let mut seq = Seq { state, sampler, sink, max_tokens, prompt, cursor: 0, last, produced, joined: Instant::now() };
+        let mut seq = Seq { state, sampler, sink, max_tokens, prompt, cursor: 0, last, produced, forced, joined: Instant::now() };
         if seq.prompt.is_empty() && self.finished(&seq) {
             send_done(&mut seq);
             return;
@@ -263,19 +271,22 @@ impl<S: Sink> Batcher<S> {
             seq.sink.send(Event::Failed(Error::Internal("a step that ends the prompt has logits")));
             return false;
         };
-        let next = seq.sampler.sample(&logits);
+        let forced = seq.forced.pop_front();
+        let next = forced.unwrap_or_else(|| seq.sampler.sample(&logits));
         seq.produced += 1;
         seq.last = next;
         let event = match work {
-            Work::Chunk(_) => Event::Prefilled {
+            Work::Chunk(_) => Some(Event::Prefilled {
                 first_token: next,
                 prefill: seq.joined.elapsed(),
                 computed_fraction: seq.state.computed_fraction(),
                 state_bytes: seq.state.kv_bytes() + seq.state.aux_bytes(),
-            },
-            Work::Decode => Event::Token(next),
+            }),
+            // Delivered before the migration.
+            Work::Decode if forced.is_some() => None,
+            Work::Decode => Some(Event::Token(next)),
         };
-        if !seq.sink.send(event) {
+        if event.is_some_and(|e| !seq.sink.send(e)) {
             return false;
         }
         if self.finished(&self.seqs[i]) {

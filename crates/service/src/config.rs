@@ -235,6 +235,11 @@ pub struct RouterPolicy {
     /// skipping the state transfer (0: always use a prefill worker).
     #[arg(long, env = "LAZYSERVE_LOCAL_PREFILL_TOKENS", default_value_t = 256)]
     pub local_prefill_tokens: usize,
+    /// Times a stream may move to another decode worker when its own fails after the first
+    /// token (the prompt is prefilled again and the delivered tokens replayed there); 0: the
+    /// stream ends with UNAVAILABLE and the count delivered.
+    #[arg(long, env = "LAZYSERVE_MIGRATION_LIMIT", default_value_t = 1)]
+    pub migration_limit: u32,
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub transfer_bytes: IntCounter,
     pub transfer_seconds: Histogram,
     pub requests: IntCounterVec,
+    pub migrations: IntCounter,
     pub batch_size: Histogram,
     pub iteration_seconds: Histogram,
     inflight: IntGauge,
@@ -95,6 +96,7 @@ impl Metrics {
                 TTFT_BUCKETS,
             )?,
             requests: IntCounterVec::new(Opts::new("lazyserve_requests_total", "Finished requests"), &["finish_reason"])?,
+            migrations: IntCounter::new("lazyserve_migrations_total", "Streams moved to another decode worker after theirs failed")?,
             batch_size: histogram("lazyserve_decode_batch_size", "Sequences stepped together per decode iteration", BATCH_BUCKETS)?,
             iteration_seconds: histogram(
                 "lazyserve_decode_iteration_seconds",
@@ -135,6 +137,7 @@ impl Metrics {
         r.register(Box::new(m.transfer_bytes.clone()))?;
         r.register(Box::new(m.transfer_seconds.clone()))?;
         r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.migrations.clone()))?;
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.iteration_seconds.clone()))?;
         r.register(Box::new(m.waiting.clone()))?;

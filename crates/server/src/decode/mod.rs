@@ -146,8 +146,8 @@ impl DecodeService {
         Ok(bytes as u64)
     }
 
-    /// Takes a held state for decoding; the returned guard frees it.
-    fn take(&self, sequence_id: &str) -> Result<(Box<SequenceState>, Sampler, Owned)> {
+    /// Takes a held state for decoding, with its sampling parameters; the returned guard frees it.
+    fn take(&self, sequence_id: &str) -> Result<(Box<SequenceState>, SamplingParams, Owned)> {
         let mut store = self.inner.store();
         let held = store
             .held
@@ -158,19 +158,30 @@ impl DecodeService {
             .take()
             .ok_or_else(|| ServiceError::AlreadyExists(format!("sequence {sequence_id} is being decoded already")))?;
         let owned = Owned { inner: self.inner.clone(), sequence_id: sequence_id.to_string() };
-        // Prefill drew once for the first token.
-        let sampler = Sampler::after(held.sampling.clone(), 1)?;
-        Ok((state, sampler, owned))
+        Ok((state, held.sampling.clone(), owned))
     }
 }
 
 impl DecodeService {
     /// Checks a prompt to prefill here.
-    fn check_local(&self, local: &LocalPrefill) -> Result<(Schedule, Sampler)> {
+    fn check_local(&self, local: &LocalPrefill) -> Result<(Schedule, SamplingParams)> {
         limits::token_ids(&local.prompt_ids, self.inner.engine.config())?;
         let schedule = self.inner.engine.schedule(&local.prune)?;
-        let sampler = Sampler::new(SamplingParams::from(local.sampling.unwrap_or_default()))?;
-        Ok((schedule, sampler))
+        Ok((schedule, SamplingParams::from(local.sampling.unwrap_or_default())))
+    }
+
+    /// Checks the tokens a migrated stream delivered: in the vocabulary, fewer than
+    /// `max_tokens`.
+    fn check_replay(&self, replay: &[u32], max_tokens: usize) -> Result<()> {
+        let cfg = self.inner.engine.config();
+        for &id in replay {
+            limits::token_id("replay", id, cfg)?;
+        }
+        if replay.len() >= max_tokens {
+            let reason = format!("holds {} tokens, max_tokens is {max_tokens}", replay.len());
+            return Err(lazyserve_request::Error::Invalid { field: "replay", reason }.into());
+        }
+        Ok(())
     }
 
     /// Registers a sequence prefilled here as held (for the limits and the stats).
@@ -218,20 +229,27 @@ impl Decode for DecodeService {
         limits::sequence_id(&req.sequence_id).map_err(Error::from)?;
         let max_tokens = limits::max_tokens(req.max_tokens as usize).map_err(Error::from)?;
         limits::token_id("first_token", req.first_token, self.inner.engine.config()).map_err(Error::from)?;
-        let (start, sampler, owned) = match req.local {
+        self.check_replay(&req.replay, max_tokens)?;
+        let (start, params, owned) = match req.local {
             None => {
-                let (state, sampler, owned) = self.take(&req.sequence_id)?;
-                (Start::Prefilled { state, first_token: req.first_token }, sampler, owned)
+                let (state, params, owned) = self.take(&req.sequence_id)?;
+                (Start::Prefilled { state, first_token: req.first_token }, params, owned)
             }
             Some(local) => {
-                let (schedule, sampler) = self.check_local(&local)?;
+                let (schedule, params) = self.check_local(&local)?;
                 let owned = self.hold_local(&req.sequence_id)?;
-                (Start::Prompt { prompt_ids: local.prompt_ids, schedule }, sampler, owned)
+                (Start::Prompt { prompt_ids: local.prompt_ids, schedule }, params, owned)
             }
         };
+        // Sampled so far: the prefill worker's first token, or every replayed one.
+        let sampled = match (&start, req.replay.len()) {
+            (Start::Prefilled { .. }, 0) => 1,
+            (_, replayed) => replayed,
+        };
+        let sampler = Sampler::after(params, sampled).map_err(Error::from)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = StreamSink { tx, span, owned };
-        self.inner.engine_loop.submit(Join { start, sampler, max_tokens, sink })?;
+        self.inner.engine_loop.submit(Join { start, sampler, max_tokens, sink, replay: req.replay })?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 

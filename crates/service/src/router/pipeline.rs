@@ -64,7 +64,7 @@ type Attempt<T> = std::result::Result<T, (Option<String>, Error)>;
 /// until then.
 pub async fn run(inner: Arc<Inner>, job: Job, events: Events, _permit: OwnedSemaphorePermit) {
     let mut delivered = 0u32;
-    let result = match first_token(&inner, &job, &events).await {
+    let result = match first_token(&inner, &job, &events, &[], &[]).await {
         Ok(started) => relay::finish(&inner, &job, started, &events, &mut delivered).await,
         Err(e) => Err(e),
     };
@@ -81,14 +81,15 @@ pub async fn run(inner: Arc<Inner>, job: Job, events: Events, _permit: OwnedSema
 }
 
 /// Prefill up to the first token; a worker that fails first gets one retry elsewhere.
-async fn first_token(inner: &Arc<Inner>, job: &Job, events: &Events) -> Result<Started> {
+/// Workers in `exclude` are not tried; `replay` goes to the decode worker (a migration).
+pub async fn first_token(inner: &Arc<Inner>, job: &Job, events: &Events, exclude: &[String], replay: &[u32]) -> Result<Started> {
     let local = policy::local_prefill(job.prompt_ids.len(), inner.policy.local_prefill_tokens);
-    let (mut attempts, mut tried, mut first_error) = (0u32, Vec::new(), None);
+    let (mut attempts, mut tried, mut first_error) = (0u32, exclude.to_vec(), None);
     loop {
         attempts += 1;
         let span = tracing::info_span!("prefill", otel.kind = "client", lazyserve.attempt = attempts, lazyserve.local = local);
         let r = if local {
-            start_local(inner, job, &tried, events).instrument(span).await
+            start_local(inner, job, &tried, replay, events).instrument(span).await
         } else {
             start_remote(inner, job, &tried, events).instrument(span).await
         };
@@ -131,11 +132,11 @@ fn sequence_id(job: &Job) -> String {
 }
 
 /// Prefill on a prefill worker, up to its first token; the state goes to one of
-/// [`DECODE_TARGETS`] decode workers.
+/// [`DECODE_TARGETS`] decode workers. Workers in `exclude` (of either role) are not tried.
 async fn start_remote(inner: &Arc<Inner>, job: &Job, exclude: &[String], events: &Events) -> Attempt<(FirstToken, Source)> {
     let prefill = prefill_order(inner, exclude).map_err(|e| (None, e))?.swap_remove(0);
     let decodes: Vec<String> =
-        decode_order(inner, job.state_bytes, &[]).map_err(|e| (None, e))?.into_iter().take(DECODE_TARGETS).map(|w| w.address).collect();
+        decode_order(inner, job.state_bytes, exclude).map_err(|e| (None, e))?.into_iter().take(DECODE_TARGETS).map(|w| w.address).collect();
     let addr = prefill.address;
     let fail = |e: Error| (Some(addr.clone()), e);
     let on_prefill = OnWorker::new(&inner.routed, Role::Prefill, &addr, job.prompt_ids.len() as u64);
@@ -167,8 +168,9 @@ async fn start_remote(inner: &Arc<Inner>, job: &Job, exclude: &[String], events:
     Ok((first, Source::Remote { stream, addr, on_prefill, release, sequence_id }))
 }
 
-/// A short prompt: prefill on a decode worker itself, up to its first token.
-async fn start_local(inner: &Arc<Inner>, job: &Job, exclude: &[String], events: &Events) -> Attempt<(FirstToken, Source)> {
+/// A short prompt: prefill on a decode worker itself, up to its first token (`replay[0]`
+/// in a migration).
+async fn start_local(inner: &Arc<Inner>, job: &Job, exclude: &[String], replay: &[u32], events: &Events) -> Attempt<(FirstToken, Source)> {
     let addr = decode_order(inner, job.state_bytes, exclude).map_err(|e| (None, e))?.swap_remove(0).address;
     let fail = |e: Error| (Some(addr.clone()), e);
     let on_decode = OnWorker::new(&inner.routed, Role::Decode, &addr, 0);
@@ -177,6 +179,7 @@ async fn start_local(inner: &Arc<Inner>, job: &Job, exclude: &[String], events: 
         first_token: 0,
         max_tokens: job.max_tokens as u32,
         local: Some(LocalPrefill { prompt_ids: job.prompt_ids.clone(), prune: job.prune.clone(), sampling: Some((&job.sampling).into()) }),
+        replay: replay.to_vec(),
     });
     req.set_timeout(job.remaining());
     lazyserve_telemetry::inject(&tracing::Span::current(), req.metadata_mut());

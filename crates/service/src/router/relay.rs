@@ -1,6 +1,7 @@
 //! After the first token: hands the state over to a decode worker (remote path), relays
 //! the decode stream as text, and ends with the completion's usage and timings.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use lazyserve_discovery::Role;
@@ -13,7 +14,7 @@ use tracing::Instrument;
 
 use super::job::{ms, Job};
 use super::load::OnWorker;
-use super::pipeline::{next_event, Event, Events, Source, Started};
+use super::pipeline::{self, next_event, Event, Events, Source, Started};
 use super::Inner;
 use crate::error::{self, Error, Result};
 
@@ -24,11 +25,97 @@ struct DecodeReport {
     revived: u64,
     transfer_ms: f64,
     state_bytes: u64,
+    migrations: u32,
+}
+
+/// How a started request goes on to its decode worker.
+struct Handover<'a> {
+    /// The first token, or `replay[0]` in a migration.
+    first_token: u32,
+    /// The tokens delivered so far, in a migration.
+    replay: &'a [u32],
+    /// False when the first token ended the request: the state is shipped but not decoded.
+    decode: bool,
+}
+
+/// The prefill worker (empty on the local path), the decode worker, its token stream
+/// (None when nothing is left to decode) and its load slot.
+type Decoding = (String, String, Option<Streaming<DecodeResponse>>, OnWorker);
+
+/// After the first token: on the remote path waits until the prefill worker has shipped the
+/// state, then starts decoding it; the local path decodes on the stream it prefilled on.
+async fn open_decode(
+    inner: &Inner,
+    job: &Job,
+    source: Source,
+    handover: Handover<'_>,
+    report: &mut DecodeReport,
+    decode_span: &tracing::Span,
+    events: &Events,
+) -> Result<Decoding> {
+    match source {
+        Source::Local { stream, addr, on_decode } => Ok((String::new(), addr, Some(stream), on_decode)),
+        Source::Remote { mut stream, addr, on_prefill, mut release, sequence_id } => {
+            let span = tracing::info_span!("state_transfer", lazyserve.bytes = tracing::field::Empty, lazyserve.chunks = tracing::field::Empty);
+            let sent = match next_event(&mut stream, job.deadline, &addr, events).instrument(span.clone()).await {
+                Ok(Some(prefill_response::Event::StateSent(s))) => s,
+                Ok(_) => return Err(Error::Unavailable(format!("prefill worker {addr} ended before the state was sent"))),
+                Err(e) => return Err(e.unwrap_or_else(|| job.late())),
+            };
+            span.record("lazyserve.bytes", sent.bytes as i64).record("lazyserve.chunks", sent.chunks as i64);
+            inner.metrics.observe_transfer(sent.transfer_ms / 1e3, sent.bytes);
+            drop(on_prefill);
+            (report.transfer_ms, report.state_bytes) = (sent.transfer_ms, sent.bytes);
+            let decode_addr = sent.decode_address;
+            release.only(&decode_addr);
+            let on_decode = OnWorker::new(&inner.routed, Role::Decode, &decode_addr, 0);
+            if !handover.decode {
+                return Ok((addr, decode_addr, None, on_decode));
+            }
+            let mut req = Request::new(DecodeRequest {
+                sequence_id,
+                first_token: handover.first_token,
+                max_tokens: job.max_tokens as u32,
+                local: None,
+                replay: handover.replay.to_vec(),
+            });
+            req.set_timeout(job.remaining());
+            lazyserve_telemetry::inject(decode_span, req.metadata_mut());
+            let mut decode = DecodeClient::new(inner.channels.get(&decode_addr)?);
+            let stream = timeout_at(job.deadline, decode.decode(req))
+                .await
+                .map_err(|_| job.late())?
+                .map_err(|s| error::from_worker("decode", &decode_addr, s))?
+                .into_inner();
+            release.disarm();
+            Ok((addr, decode_addr, Some(stream), on_decode))
+        }
+    }
+}
+
+/// Rebuilds a stream whose decode worker failed on another decode worker: the prompt is
+/// prefilled again by the usual rule (remote or local, same schedule), then the tokens
+/// delivered so far are replayed there through decode steps, which rebuilds the lost state
+/// (pruning decisions included) as the first worker had it; the sampler goes on from there.
+async fn migrate(inner: &Arc<Inner>, job: &Job, failed: &[String], delivered: &[u32], report: &mut DecodeReport, events: &Events) -> Result<Decoding> {
+    inner.metrics.migrations.inc();
+    let span = tracing::info_span!("migrate", otel.kind = "client", lazyserve.replayed = delivered.len(), lazyserve.from = failed.last().map(String::as_str));
+    async {
+        let started = pipeline::first_token(inner, job, events, failed, delivered).await?;
+        if started.first.token_id != delivered[0] {
+            tracing::warn!(request_id = %job.request_id, first = started.first.token_id, delivered = delivered[0], "the prefill again gave another first token; replaying the delivered one");
+        }
+        let handover = Handover { first_token: delivered[0], replay: delivered, decode: true };
+        open_decode(inner, job, started.source, handover, report, &tracing::Span::current(), events).await
+    }
+    .instrument(span)
+    .await
 }
 
 /// Sends the first token, then the rest, then the completion. `delivered` counts the tokens
-/// sent, for the error of a stream that breaks off.
-pub async fn finish(inner: &Inner, job: &Job, started: Started, events: &Events, delivered: &mut u32) -> Result<()> {
+/// sent, for the error of a stream that breaks off. A decode worker that fails mid-stream
+/// hands the stream to another one, up to `--migration-limit` times ([`migrate`]).
+pub async fn finish(inner: &Arc<Inner>, job: &Job, started: Started, events: &Events, delivered: &mut u32) -> Result<()> {
     let meta = &inner.meta;
     let mut out = Output::new(&meta.tokenizer, &job.stop, job.max_tokens, job.prompt_ids.len(), meta.config.max_position_embeddings);
     let Started { first, source, attempts, local } = started;
@@ -47,50 +134,36 @@ pub async fn finish(inner: &Inner, job: &Job, started: Started, events: &Events,
 
     let decode_start = Instant::now();
     let decode_span = tracing::info_span!("decode", otel.kind = "client", lazyserve.tokens = tracing::field::Empty);
-    let (prefill_worker, decode_worker, stream, _on_decode) = match source {
-        Source::Local { stream, addr, on_decode } => (String::new(), addr, Some(stream), on_decode),
-        Source::Remote { mut stream, addr, on_prefill, mut release, sequence_id } => {
-            let span = tracing::info_span!("state_transfer", lazyserve.bytes = tracing::field::Empty, lazyserve.chunks = tracing::field::Empty);
-            let sent = match next_event(&mut stream, job.deadline, &addr, events).instrument(span.clone()).await {
-                Ok(Some(prefill_response::Event::StateSent(s))) => s,
-                Ok(_) => return Err(Error::Unavailable(format!("prefill worker {addr} ended before the state was sent"))),
-                Err(e) => return Err(e.unwrap_or_else(|| job.late())),
-            };
-            span.record("lazyserve.bytes", sent.bytes as i64).record("lazyserve.chunks", sent.chunks as i64);
-            inner.metrics.observe_transfer(sent.transfer_ms / 1e3, sent.bytes);
-            drop(on_prefill);
-            (report.transfer_ms, report.state_bytes) = (sent.transfer_ms, sent.bytes);
-            let decode_addr = sent.decode_address;
-            release.only(&decode_addr);
-            let on_decode = OnWorker::new(&inner.routed, Role::Decode, &decode_addr, 0);
-            let stream = if finish.is_none() {
-                let mut req = Request::new(DecodeRequest { sequence_id, first_token: first.token_id, max_tokens: job.max_tokens as u32, local: None });
-                req.set_timeout(job.remaining());
-                lazyserve_telemetry::inject(&decode_span, req.metadata_mut());
-                let mut decode = DecodeClient::new(inner.channels.get(&decode_addr)?);
-                let stream = timeout_at(job.deadline, decode.decode(req))
-                    .await
-                    .map_err(|_| job.late())?
-                    .map_err(|s| error::from_worker("decode", &decode_addr, s))?
-                    .into_inner();
-                release.disarm();
-                Some(stream)
-            } else {
-                None
-            };
-            (addr, decode_addr, stream, on_decode)
-        }
-    };
-    if let (Some(stream), None) = (stream, finish) {
-        let relayed = relay(inner, job, stream, &decode_worker, &mut out, events).instrument(decode_span.clone()).await;
+    let handover = Handover { first_token: first.token_id, replay: &[], decode: finish.is_none() };
+    let (mut prefill_worker, mut decode_worker, mut stream, mut _on_decode) =
+        open_decode(inner, job, source, handover, &mut report, &decode_span, events).await?;
+    let mut failed = Vec::new();
+    while let (Some(s), None) = (stream.take(), finish) {
+        let relayed = relay(inner, job, s, &decode_worker, &mut out, events).instrument(decode_span.clone()).await;
         *delivered = out.token_ids().len() as u32;
-        let (reason, done) = relayed?;
-        if let Some(done) = done {
-            (report.computed_percent, report.revived) = (done.computed_percent, done.revived_tokens);
+        match relayed {
+            Ok((reason, done)) => {
+                if let Some(done) = done {
+                    (report.computed_percent, report.revived) = (done.computed_percent, done.revived_tokens);
+                }
+                finish = Some(reason);
+            }
+            Err(e @ Error::Unavailable(_)) if report.migrations < inner.policy.migration_limit => {
+                report.migrations += 1;
+                failed.push(std::mem::take(&mut decode_worker));
+                tracing::warn!(request_id = %job.request_id, error = %e, delivered = *delivered, "decode worker failed mid-stream; migrating");
+                match migrate(inner, job, &failed, out.token_ids(), &mut report, events).await {
+                    Ok(moved) => (prefill_worker, decode_worker, stream, _on_decode) = moved,
+                    Err(why) => {
+                        tracing::warn!(request_id = %job.request_id, error = %why, "migration failed");
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
         }
-        finish = Some(reason);
-        decode_span.record("lazyserve.tokens", out.token_ids().len() as i64);
     }
+    decode_span.record("lazyserve.tokens", out.token_ids().len() as i64);
     let finish = finish.expect("the relay ends with a reason");
     let total = job.start.elapsed();
     let completion = Completion {
@@ -113,6 +186,7 @@ pub async fn finish(inner: &Inner, job: &Job, started: Started, events: &Events,
             prefill_worker: prefill_worker.clone(),
             decode_worker: decode_worker.clone(),
             prefill_attempts: attempts,
+            migrations: report.migrations,
         }),
         request_id: job.request_id.clone(),
     };
@@ -130,7 +204,7 @@ pub async fn finish(inner: &Inner, job: &Job, started: Started, events: &Events,
     lazyserve_telemetry::set_finish_reasons(&request_span, &[finish.as_str()]);
     tracing::info!(request_id = %job.request_id, prompt_tokens = job.prompt_ids.len(), completion_tokens = out.token_ids().len(),
         finish = finish.as_str(), ttft_ms = ms(ttft), total_ms = ms(total), prefill = %prefill_worker, decode = %decode_worker,
-        local, attempts, "request done");
+        local, attempts, migrations = report.migrations, "request done");
     let _ = events.send(Event::Complete(completion)).await;
     Ok(())
 }
