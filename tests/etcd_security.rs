@@ -73,9 +73,9 @@ async fn check_generate(router: &Proc) -> Result<()> {
     Ok(())
 }
 
-/// Waits for a worker to log its failed registration; asserts the error names `reason` and
-/// that the worker is not in the router's set.
-async fn refused(bad: &Proc, router: &Proc, reason: &str) -> Result<()> {
+/// Waits for a worker to log its failed registration; asserts the error names one of
+/// `reasons` and that the worker is not in the router's set.
+async fn refused(bad: &Proc, router: &Proc, reasons: &[&str]) -> Result<()> {
     const FAILED: &str = "etcd registration failed";
     let start = Instant::now();
     while !bad.log_text().contains(FAILED) {
@@ -84,7 +84,7 @@ async fn refused(bad: &Proc, router: &Proc, reason: &str) -> Result<()> {
     }
     let log = bad.log_text();
     let line = log.lines().find(|l| l.contains(FAILED)).unwrap_or_default();
-    assert!(line.contains(reason), "the error does not say {reason:?}: {line}");
+    assert!(reasons.iter().any(|r| line.contains(r)), "the error says none of {reasons:?}: {line}");
     assert!(!log.contains("registered in etcd"), "{}", bad.log_text());
     let set = workers(router).await?;
     assert!(!set.contains(&bad.addr), "{} is in the router's set {set:?}", bad.addr);
@@ -103,13 +103,14 @@ async fn mutual_tls_etcd_serves_and_turns_away_workers_without_the_certificates(
     let [_prefill, _decode, router] = cluster(&tls(&certs)).await?;
     check_generate(&router).await?;
 
-    // The right CA but no client certificate: etcd ends the handshake.
+    // The right CA but no client certificate: etcd ends the handshake. Under TLS 1.3 the
+    // client may finish its side first and see only the connection close, not etcd's alert.
     let no_cert = worker("decode", &["--etcd-endpoints", &etcd.endpoint(), "--etcd-ca", &certs.file("ca.crt")]);
     // Another CA's certificates: the worker does not trust etcd's certificate.
     let other_flags = tls(&other);
     let other_ca = worker("decode", &other_flags.iter().map(String::as_str).collect::<Vec<_>>());
-    refused(&no_cert, &router, "BadCertificate").await?;
-    refused(&other_ca, &router, "invalid peer certificate").await?;
+    refused(&no_cert, &router, &["BadCertificate", "CertificateRequired", "connection closed"]).await?;
+    refused(&other_ca, &router, &["invalid peer certificate"]).await?;
     Ok(())
 }
 
@@ -124,7 +125,7 @@ async fn etcd_auth_serves_turns_away_a_wrong_password_and_logs_no_password() -> 
     check_generate(&router).await?;
 
     let wrong = worker("decode", &flags(WRONG_PASSWORD).iter().map(String::as_str).collect::<Vec<_>>());
-    refused(&wrong, &router, "authentication failed").await?;
+    refused(&wrong, &router, &["authentication failed"]).await?;
     // The password from the environment, as Kubernetes passes a Secret.
     let env = [("LAZYSERVE_ETCD_PASSWORD", PASSWORD.to_string())];
     let from_env = Proc::spawn_env("lazyserve-router", &["--etcd-endpoints", &etcd.endpoint(), "--etcd-user", USER], &env);
