@@ -188,12 +188,17 @@ impl Drop for Stack {
 /// Each Generate call's `max_tokens` (greedy: the proto's default temperature is 0).
 const MAX_TOKENS: u32 = 12;
 
-/// One request: Ok(text) or the code it ended with; panics past its deadline.
+/// One request of [`MAX_TOKENS`]: Ok(text) or the code it ended with; panics past its deadline.
 async fn call(endpoint: Endpoint, prompt: String) -> std::result::Result<String, Code> {
+    call_for(endpoint, prompt, MAX_TOKENS).await.map(|(text, _)| text)
+}
+
+/// [`call`] for up to `max_tokens` tokens; with the text, the times the stream migrated.
+async fn call_for(endpoint: Endpoint, prompt: String, max_tokens: u32) -> std::result::Result<(String, u32), Code> {
     let start = Instant::now();
     let result = async {
         let mut client = GenerationClient::new(endpoint.connect().await.map_err(|_| Code::Unavailable)?);
-        let mut req = tonic::Request::new(GenerateRequest { input: Some(Input::Prompt(prompt)), max_tokens: MAX_TOKENS, ..Default::default() });
+        let mut req = tonic::Request::new(GenerateRequest { input: Some(Input::Prompt(prompt)), max_tokens, ..Default::default() });
         req.set_timeout(DEADLINE);
         let mut stream = client.generate(req).await.map_err(|s| s.code())?.into_inner();
         let mut text = String::new();
@@ -201,7 +206,7 @@ async fn call(endpoint: Endpoint, prompt: String) -> std::result::Result<String,
             match stream.message().await.map_err(|s| s.code())? {
                 Some(m) => match m.event {
                     Some(Event::Chunk(c)) => text.push_str(&c.text),
-                    Some(Event::Complete(_)) => return Ok(text),
+                    Some(Event::Complete(c)) => return Ok((text, c.timings.map_or(0, |t| t.migrations))),
                     Some(Event::Error(e)) if e.code == "UNAVAILABLE" => return Err(Code::Unavailable),
                     other => panic!("unexpected {other:?}"),
                 },
@@ -325,6 +330,34 @@ async fn compose_stack_survives_faults() -> Result<()> {
         assert!(start.elapsed() < Duration::from_secs(15), "decode workers still hold state: {held:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+
+    // A decode container killed under 16 streams: its streams move to the other decode
+    // worker (migration) and every one completes.
+    let streams: Vec<_> = (0..16)
+        .map(|i| tokio::spawn(call_for(stack.endpoint(), format!("Count from {i} to 500, separated by commas: {i}, {},", i + 1), 96)))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let held: u32 = stack.workers().await?.iter().filter(|w| w.role == "decode").map(|w| w.sequences).sum();
+        if held >= 16 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "16 streams not decoding after 60 s ({held} held)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    docker(&["kill", &stack.container("decode-1")])?;
+    let (mut failed, mut migrated) = (Vec::new(), 0);
+    for s in streams {
+        match s.await? {
+            Ok((_, migrations)) => migrated += migrations,
+            Err(code) => failed.push(code),
+        }
+    }
+    println!("a decode worker killed under 16 streams: {migrated} migrated, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} of 16 streams failed when a decode worker died under them: {failed:?}", failed.len());
+    assert!(migrated > 0, "no stream was on the killed decode worker");
+    stack.compose(&["start", "decode-1"])?;
+    stack.pools(2, 2, Duration::from_secs(60)).await?;
 
     // SIGTERM drains inside the image: the worker leaves the router's set and exits 0.
     let start = Instant::now();
