@@ -21,7 +21,11 @@ struct Pool {
 
 impl Pool {
     async fn start(router_args: &[&str]) -> Self {
-        let mut decodes = vec![Proc::spawn("lazyserve-decode-worker", &[]), Proc::spawn("lazyserve-decode-worker", &[])];
+        Self::start_with(router_args, &[]).await
+    }
+
+    async fn start_with(router_args: &[&str], decode_args: &[&str]) -> Self {
+        let mut decodes = vec![Proc::spawn("lazyserve-decode-worker", decode_args), Proc::spawn("lazyserve-decode-worker", decode_args)];
         let mut prefill = Proc::spawn("lazyserve-prefill-worker", &[]);
         let list = format!("{},{}", decodes[0].addr, decodes[1].addr);
         let mut args = vec!["--prefill-workers", &prefill.addr, "--decode-workers", &list];
@@ -33,8 +37,9 @@ impl Pool {
         Self { router, _prefill: prefill, decodes }
     }
 
-    /// Kills (SIGKILL) the decode worker that holds a sequence; returns its address.
-    async fn kill_the_busy_decode_worker(&mut self) -> Result<String> {
+    /// Kills (SIGKILL) the decode worker that holds a sequence, or with `Fault::Terminate`
+    /// sends it SIGTERM (it drains, then exits); returns its address.
+    async fn fault_the_busy_decode_worker(&mut self, fault: Fault) -> Result<String> {
         let mut busy = None;
         for (i, d) in self.decodes.iter().enumerate() {
             let stats = DecodeClient::new(d.channel().await?).stats(StatsRequest {}).await?.into_inner();
@@ -43,8 +48,13 @@ impl Pool {
             }
         }
         let i = busy.ok_or_else(|| anyhow::anyhow!("no decode worker holds the stream"))?;
-        let killed = self.decodes.swap_remove(i);
-        Ok(killed.addr.clone())
+        let addr = self.decodes[i].addr.clone();
+        match fault {
+            Fault::Kill => drop(self.decodes.swap_remove(i)),
+            Fault::Terminate => self.decodes[i].terminate(),
+            Fault::None => unreachable!("a fault"),
+        }
+        Ok(addr)
     }
 
     /// Starts a decode worker at `addr` again, and waits until it serves.
@@ -53,6 +63,14 @@ impl Pool {
         p.ready().await;
         self.decodes.push(p);
     }
+}
+
+/// What happens to the decode worker of a stream after [`KILL_AFTER`] tokens.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    Kill,
+    Terminate,
 }
 
 /// A stream's token ids, and how it ended.
@@ -64,7 +82,7 @@ struct Streamed {
     took: std::time::Duration,
 }
 
-async fn stream(pool: &mut Pool, r: Req, kill: bool) -> Result<Streamed> {
+async fn stream(pool: &mut Pool, r: Req, fault: Fault) -> Result<Streamed> {
     let mut client = GenerationClient::new(pool.router.channel().await?);
     let mut stream = client.generate(r).await?.into_inner();
     let (mut ids, mut killed, start) = (Vec::new(), None, std::time::Instant::now());
@@ -80,8 +98,8 @@ async fn stream(pool: &mut Pool, r: Req, kill: bool) -> Result<Streamed> {
         if let Some(end) = end {
             return Ok(Streamed { ids, end, killed, took: start.elapsed() });
         }
-        if kill && killed.is_none() && ids.len() >= KILL_AFTER {
-            killed = Some(pool.kill_the_busy_decode_worker().await?);
+        if fault != Fault::None && killed.is_none() && ids.len() >= KILL_AFTER {
+            killed = Some(pool.fault_the_busy_decode_worker(fault).await?);
         }
     }
     anyhow::bail!("the stream ended without a completion or an error")
@@ -111,14 +129,14 @@ async fn a_stream_survives_its_decode_worker() -> Result<()> {
         ("remote, seeded", long_prompt(story), Some(1.0)),
     ];
     for (name, prompt, temperature) in cases {
-        let whole = stream(&mut pool, req(prompt.clone(), temperature), false).await?;
+        let whole = stream(&mut pool, req(prompt.clone(), temperature), Fault::None).await?;
         let done = whole.end.unwrap_or_else(|e| panic!("{name}: the unbroken stream failed: {e:?}"));
         assert!(whole.ids.len() > 2 * KILL_AFTER, "{name}: the unbroken stream is long enough to break ({} tokens)", whole.ids.len());
         let timings = done.timings.expect("timings");
         assert_eq!(timings.migrations, 0, "{name}");
         let local = timings.prefill_path == "local";
 
-        let broken = stream(&mut pool, req(prompt, temperature), true).await?;
+        let broken = stream(&mut pool, req(prompt, temperature), Fault::Kill).await?;
         let killed = broken.killed.unwrap_or_else(|| panic!("{name}: a decode worker was killed"));
         let done = broken.end.unwrap_or_else(|e| panic!("{name}: the broken stream failed: {e:?}"));
         let timings = done.timings.expect("timings");
@@ -136,10 +154,28 @@ async fn a_stream_survives_its_decode_worker() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_migration_the_stream_ends_with_the_count_delivered() -> Result<()> {
     let mut pool = Pool::start(&["--migration-limit", "0"]).await;
-    let broken = stream(&mut pool, req(long_prompt("Count from 1 to 300, separated by commas: 1, 2, 3,"), None), true).await?;
+    let broken = stream(&mut pool, req(long_prompt("Count from 1 to 300, separated by commas: 1, 2, 3,"), None), Fault::Kill).await?;
     assert!(broken.killed.is_some(), "a decode worker was killed");
     let error = broken.end.err().expect("the stream fails");
     assert_eq!(error.code, "UNAVAILABLE", "{error:?}");
     assert_eq!(error.tokens_delivered as usize, broken.ids.len(), "{error:?}");
+    Ok(())
+}
+
+/// A decode worker told to stop (SIGTERM) with a stream still running when its grace period
+/// ends exits under it; the router moves the stream on, and it completes as an unbroken one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_decode_worker_hands_its_streams_over() -> Result<()> {
+    let mut pool = Pool::start_with(&[], &["--grace-period-secs", "1"]).await;
+    let mut r = req(long_prompt("Count from 1 to 300, separated by commas: 1, 2, 3,"), None);
+    r.max_tokens = 160;
+    let whole = stream(&mut pool, r.clone(), Fault::None).await?;
+    assert!(whole.end.is_ok() && whole.ids.len() == 160, "the unbroken stream runs its 160 tokens ({})", whole.ids.len());
+    let drained = stream(&mut pool, r, Fault::Terminate).await?;
+    let done = drained.end.unwrap_or_else(|e| panic!("the stream of a draining worker failed: {e:?}"));
+    let timings = done.timings.expect("timings");
+    assert_eq!(timings.migrations, 1, "the stream outlived the grace period and moved");
+    assert_ne!(Some(timings.decode_worker), drained.killed);
+    assert_eq!(drained.ids, whole.ids);
     Ok(())
 }
