@@ -334,7 +334,7 @@ async fn compose_stack_survives_faults() -> Result<()> {
     // A decode container killed under 16 streams: its streams move to the other decode
     // worker (migration) and every one completes.
     let streams: Vec<_> = (0..16)
-        .map(|i| tokio::spawn(call_for(stack.endpoint(), format!("Count from {i} to 500, separated by commas: {i}, {},", i + 1), 96)))
+        .map(|i| tokio::spawn(call_for(stack.endpoint(), format!("Count from {i} to 500, separated by commas: {i}, {},", i + 1), 192)))
         .collect();
     let start = Instant::now();
     loop {
