@@ -4,8 +4,7 @@
 //! time. Health stays open for probes. Keys never reach a log line or `Debug` output.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
@@ -13,8 +12,8 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-/// How often the key file is looked at for a change.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
+use crate::reload::Reloading;
+
 /// Keys shorter than this are refused: guessable.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -47,30 +46,18 @@ impl AuthArgs {
     }
 }
 
-/// A key file's keys, as digests.
+/// A key file's keys, as digests. The file is reread when it changes ([`Reloading`]): a file
+/// that cannot be used keeps the previous keys (a half-written file must not lock everyone
+/// out); an empty one removes them all.
 pub struct ApiKeys {
     path: PathBuf,
-    state: Mutex<KeyState>,
-}
-
-struct KeyState {
-    stamp: Option<(SystemTime, u64)>,
-    /// The stamp of a file that could not be used, so that it is warned about once.
-    failed: Option<Option<(SystemTime, u64)>>,
-    checked: Instant,
-    digests: Vec<[u8; 32]>,
+    digests: Reloading<Vec<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.state.lock().unwrap_or_else(PoisonError::into_inner).digests.len();
-        f.debug_struct("ApiKeys").field("path", &self.path).field("keys", &n).finish()
+        f.debug_struct("ApiKeys").field("path", &self.path).field("keys", &self.digests.current().len()).finish()
     }
-}
-
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 fn digest(key: &[u8]) -> [u8; 32] {
@@ -94,54 +81,30 @@ fn parse(text: &str) -> Result<Vec<[u8; 32]>, String> {
     Ok(digests)
 }
 
+/// Reads and parses a key file.
+fn read_keys(path: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading API keys file {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("API keys file {}: {e}", path.display()))
+}
+
 impl ApiKeys {
     /// Reads the file; it must hold at least one key.
     pub fn load(path: &Path) -> anyhow::Result<Arc<Self>> {
-        let stamp = file_stamp(path);
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading API keys file {}", path.display()))?;
-        let digests = parse(&text).map_err(|e| anyhow::anyhow!("API keys file {}: {e}", path.display()))?;
-        anyhow::ensure!(!digests.is_empty(), "API keys file {} holds no key", path.display());
-        tracing::info!(path = %path.display(), keys = digests.len(), "API keys loaded");
-        Ok(Arc::new(Self { path: path.to_path_buf(), state: Mutex::new(KeyState { stamp, failed: None, checked: Instant::now(), digests }) }))
+        let digests = Reloading::new(format!("API keys file {}", path.display()), vec![path.to_path_buf()], |paths| read_keys(&paths[0]))?;
+        let keys = digests.current().len();
+        anyhow::ensure!(keys > 0, "API keys file {} holds no key", path.display());
+        tracing::info!(path = %path.display(), keys, "API keys loaded");
+        Ok(Arc::new(Self { path: path.to_path_buf(), digests }))
     }
 
     /// Whether `key` is one of the keys, comparing with every key in constant time.
     pub fn allows(&self, key: &str) -> bool {
         let presented = digest(key.as_bytes());
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        self.reload_if_changed(&mut state);
         let mut found = subtle::Choice::from(0);
-        for d in &state.digests {
+        for d in self.digests.current().iter() {
             found |= d[..].ct_eq(&presented[..]);
         }
         found.into()
-    }
-
-    /// Rereads the file when it changed. A file that cannot be read or parsed keeps the
-    /// previous keys (a half-written file must not lock everyone out) and is tried again at
-    /// the next check, with one warning per change; an empty one removes them all.
-    fn reload_if_changed(&self, state: &mut KeyState) {
-        if state.checked.elapsed() < RELOAD_CHECK {
-            return;
-        }
-        state.checked = Instant::now();
-        let stamp = file_stamp(&self.path);
-        if stamp == state.stamp {
-            return;
-        }
-        match std::fs::read_to_string(&self.path).map_err(|e| e.to_string()).and_then(|t| parse(&t)) {
-            Ok(digests) => {
-                tracing::info!(path = %self.path.display(), keys = digests.len(), "API keys file changed; reloaded");
-                state.digests = digests;
-                state.stamp = stamp;
-                state.failed = None;
-            }
-            Err(e) if state.failed != Some(stamp) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "API keys file changed but cannot be used; keeping the previous keys");
-                state.failed = Some(stamp);
-            }
-            Err(_) => {}
-        }
     }
 }
 
@@ -245,12 +208,12 @@ mod tests {
         let KeyCheck::Keys(k) = &check else { unreachable!() };
         std::fs::write(dir.path().join("keys"), "sk-new-key-0123456789-longer\n")?;
         // Force the next call to look at the file (it looks at most once a second).
-        k.state.lock().unwrap().checked -= RELOAD_CHECK;
+        k.digests.check_now();
         assert_eq!(check.check(Some(b"Bearer sk-new-key-0123456789-longer")), Ok(()));
         assert_eq!(check.check(Some(b"Bearer sk-old-key-0123456789")), Err(Refusal::Invalid));
         // A file that becomes unusable keeps the keys that were good.
         std::fs::write(dir.path().join("keys"), "tiny\n")?;
-        k.state.lock().unwrap().checked -= RELOAD_CHECK;
+        k.digests.check_now();
         assert_eq!(check.check(Some(b"Bearer sk-new-key-0123456789-longer")), Ok(()));
         Ok(())
     }

@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::reload::{self, Stamp};
 use crate::tls::ClientTls;
 
 /// The largest message any lazyserve server takes (a Generate request's prompt, a Prefill
@@ -32,12 +33,10 @@ pub struct Channels {
 struct ChannelMap {
     channels: HashMap<String, Channel>,
     /// The TLS files' stamp when the channels were made, and when it was last looked at.
-    stamp: Vec<Option<SystemTime>>,
+    stamp: Stamp,
     checked: Option<Instant>,
 }
 
-/// How often the client TLS files are looked at for a change.
-const TLS_RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 impl Channels {
     pub fn new(tls: Option<ClientTls>) -> Self {
@@ -49,7 +48,7 @@ impl Channels {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tls) = &self.tls {
             // A rotated client certificate: channels made from now on use the new files.
-            if map.checked.is_none_or(|at| at.elapsed() >= TLS_RELOAD_CHECK) {
+            if map.checked.is_none_or(|at| at.elapsed() >= reload::CHECK_EVERY) {
                 map.checked = Some(Instant::now());
                 let stamp = tls.stamp();
                 if stamp != map.stamp {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod error;
+pub mod reload;
 mod router;
 pub mod serve;
 pub mod tls;

@@ -12,8 +12,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -30,8 +30,8 @@ use tokio_rustls::TlsAcceptor;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-/// How often certificate files are looked at for a change.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
+use crate::reload::{stamp, Reloading, Stamp};
+
 /// A peer gets this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections whose handshake is done and that the server has not taken yet.
@@ -142,67 +142,27 @@ fn roots(ca: &Path) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// Modification times of a set of files: a change of any means reread them.
-fn stamp(paths: &[&Path]) -> Vec<Option<SystemTime>> {
-    paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
-}
+/// A certificate and key from files, reread when either changes ([`Reloading`]): files that
+/// cannot be used keep the previous certificate and are tried again at the next check (a
+/// key whose permissions are fixed after it was written is taken up then).
+struct ReloadingCert(Reloading<CertifiedKey>);
 
-/// A certificate and key from files, reread when either changes.
-#[derive(Debug)]
-struct ReloadingCert {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: Mutex<Current>,
-}
-
-#[derive(Debug)]
-struct Current {
-    stamp: Vec<Option<SystemTime>>,
-    /// The stamp of files that could not be used, so that they are warned about once.
-    failed: Option<Vec<Option<SystemTime>>>,
-    checked: Instant,
-    key: Arc<CertifiedKey>,
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadingCert")
+    }
 }
 
 impl ReloadingCert {
     fn load(cert: PathBuf, key: PathBuf, provider: Arc<CryptoProvider>) -> anyhow::Result<Self> {
-        let stamp = stamp(&[&cert, &key]);
-        let loaded = Arc::new(certified_key(&cert, &key, &provider)?);
-        Ok(Self { cert, key, provider, current: Mutex::new(Current { stamp, failed: None, checked: Instant::now(), key: loaded }) })
-    }
-
-    /// The certificate, reread when the files changed. Files that cannot be used keep the
-    /// previous certificate and are tried again at the next check (a key whose permissions
-    /// are fixed after it was written is taken up then), with one warning per change.
-    fn current(&self) -> Arc<CertifiedKey> {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.checked.elapsed() >= RELOAD_CHECK {
-            current.checked = Instant::now();
-            let now = stamp(&[&self.cert, &self.key]);
-            if now != current.stamp {
-                match certified_key(&self.cert, &self.key, &self.provider) {
-                    Ok(key) => {
-                        tracing::info!(cert = %self.cert.display(), "certificate changed on disk; new connections get the new one");
-                        current.key = Arc::new(key);
-                        current.stamp = now;
-                        current.failed = None;
-                    }
-                    Err(e) if current.failed.as_ref() != Some(&now) => {
-                        tracing::warn!(error = format!("{e:#}"), "certificate changed on disk but cannot be used; keeping the previous one");
-                        current.failed = Some(now);
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-        current.key.clone()
+        let what = format!("certificate {}", cert.display());
+        Ok(Self(Reloading::new(what, vec![cert, key], move |paths| certified_key(&paths[0], &paths[1], &provider))?))
     }
 }
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        Some(self.0.current())
     }
 }
 
@@ -340,8 +300,8 @@ impl ClientTls {
     }
 
     /// Changes when any of the files does: channels made before then are replaced.
-    pub fn stamp(&self) -> Vec<Option<SystemTime>> {
-        stamp(&[&self.ca, &self.cert, &self.key])
+    pub fn stamp(&self) -> Stamp {
+        stamp(&[self.ca.clone(), self.cert.clone(), self.key.clone()])
     }
 }
 
