@@ -95,6 +95,22 @@ fn every_role_s_weights_answer_the_same() -> Result<()> {
     Ok(())
 }
 
+/// Decode steps on the file's own Q4_1 blocks (Q8_0 for the embedding table) keep the f32
+/// answer too, and the decode copy is that many fewer bytes.
+#[test]
+fn file_q4_1_blocks_answer_the_same() -> Result<()> {
+    let reference = paris(WeightFormat::F32, KvDtype::F32)?;
+    let q4 = WeightFormat::F16_Q4_DECODE;
+    for format in [q4, q4.without_dense_layers()] {
+        assert_eq!(paris(format, KvDtype::F16)?, reference, "{format:?}");
+    }
+    let decode_bytes = |format: WeightFormat| -> Result<usize> { Ok(load(&model_path(), format.without_dense_layers())?.model.weight_bytes()) };
+    let (q8, q4) = (decode_bytes(WeightFormat::F16_Q8_DECODE)?, decode_bytes(q4)?);
+    eprintln!("decode copy: Q8_0 {} MiB, Q4_1 {} MiB", q8 >> 20, q4 >> 20);
+    assert!((q4 as f64) < 0.8 * q8 as f64, "Q4_1 {q4} bytes against Q8_0 {q8}");
+    Ok(())
+}
+
 /// What each role holds, against today's f32 + Q8_0 copies: counted bytes, not timings.
 #[test]
 fn each_role_holds_at_most_two_thirds_of_the_two_copies() -> Result<()> {

@@ -9,7 +9,7 @@ use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -79,6 +79,19 @@ impl Checkpoint {
                 Ok(VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu))
             }
         }
+    }
+}
+
+impl Checkpoint {
+    /// The raw GGUF bytes of tensor `hf_name` (a Hugging Face name) when the file stores it as
+    /// Q4_1; None for any other type, a missing tensor or a folder checkpoint.
+    pub fn gguf_q4_1(&self, hf_name: &str) -> Result<Option<Vec<u8>>> {
+        let Self::Gguf { path, content } = self else { return Ok(None) };
+        let name = gguf_name(hf_name).unwrap_or_else(|| hf_name.to_string());
+        let Some(info) = content.tensor_infos.get(&name).filter(|i| i.ggml_dtype == GgmlDType::Q4_1) else { return Ok(None) };
+        let file = File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let tensor = info.read(&mut BufReader::new(file), content.tensor_data_offset, &Device::Cpu).map_err(|e| Error::checkpoint(path, e))?;
+        Ok(Some(tensor.data().map_err(|e| Error::checkpoint(path, e))?.into_owned()))
     }
 }
 

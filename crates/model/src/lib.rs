@@ -36,7 +36,7 @@ fn open(path: &Path) -> Result<(Checkpoint, ModelMeta)> {
 /// Loads a GGUF file or a Hugging Face checkpoint folder.
 pub fn load(path: &Path, format: WeightFormat) -> Result<LoadedModel> {
     let (ckpt, ModelMeta { name, config: cfg, tokenizer }) = open(path)?;
-    let model = Model::new(&cfg, ckpt.var_builder()?, format)?;
+    let model = Model::from_checkpoint(&cfg, &ckpt, format)?;
     tracing::info!(model = %name, layers = cfg.num_hidden_layers, hidden = cfg.hidden_size,
         context = cfg.max_position_embeddings, weight_mib = model.weight_bytes() >> 20, ?format, "model loaded");
     Ok(LoadedModel { name, model, tokenizer })

@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::backend::Forward;
+use crate::checkpoint::Checkpoint;
 use crate::Config;
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
@@ -30,14 +31,17 @@ pub enum DenseDtype {
 }
 
 /// How the weights are held in memory: a dense copy for products over many rows (prompts,
-/// long revivals), a Q8_0 copy for few rows (decode steps), or both.
+/// long revivals), a quantized copy for few rows (decode steps), or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct WeightFormat {
     /// Element type of the dense copies and of the embedding table.
     pub dense: DenseDtype,
-    /// A Q8_0 copy of every linear layer, used for at most 32 rows: it reads about 4x fewer
-    /// bytes than f32.
+    /// A quantized copy of every linear layer, used for at most 32 rows: Q8_0 reads about
+    /// 3.5x fewer bytes than f32.
     pub q8: bool,
+    /// Whether that copy keeps a GGUF file's Q4_1 blocks as they are, for the layers stored
+    /// so (0.625 bytes a weight, the file's own values), instead of Q8_0 (1.125 bytes).
+    pub keep_q4_1: bool,
     /// Whether the layers keep their dense copy. Without it (a decode worker, whose prompt
     /// chunks fit the Q8_0 kernel) every product runs on the Q8_0 copy; the embedding table
     /// stays.
@@ -46,18 +50,21 @@ pub struct WeightFormat {
 
 impl WeightFormat {
     /// f32 for every product: the reference numerics.
-    pub const F32: Self = Self { dense: DenseDtype::F32, q8: false, dense_layers: true };
+    pub const F32: Self = Self { dense: DenseDtype::F32, q8: false, keep_q4_1: false, dense_layers: true };
     /// f32 for prompts, Q8_0 for decode steps.
     pub const Q8_DECODE: Self = Self { q8: true, ..Self::F32 };
     /// f16 for prompts, Q8_0 for decode steps.
     pub const F16_Q8_DECODE: Self = Self { dense: DenseDtype::F16, ..Self::Q8_DECODE };
+    /// f16 for prompts, the file's Q4_1 blocks (Q8_0 for other layers) for decode steps.
+    pub const F16_Q4_DECODE: Self = Self { keep_q4_1: true, ..Self::F16_Q8_DECODE };
 
-    /// This format without the Q8_0 copy (a prefill worker never takes a decode step).
+    /// This format without the quantized copy (a prefill worker never takes a decode step).
     pub fn without_q8(self) -> Self {
-        Self { q8: false, dense_layers: true, ..self }
+        Self { q8: false, keep_q4_1: false, dense_layers: true, ..self }
     }
 
-    /// This format without the layers' dense copies, when a Q8_0 copy can take their place.
+    /// This format without the layers' dense copies, when a quantized copy can take their
+    /// place.
     pub fn without_dense_layers(self) -> Self {
         Self { dense_layers: !self.q8, ..self }
     }
@@ -66,7 +73,9 @@ impl WeightFormat {
     /// whose dense copy is the embedding table.
     fn apply(self, lin: &mut Linear, keep_dense: bool) {
         if self.q8 {
-            lin.quantize_q8();
+            lin.quantize(self.keep_q4_1);
+        } else {
+            lin.drop_gguf_blocks();
         }
         if self.dense == DenseDtype::F16 {
             lin.dense_to_f16();
@@ -77,10 +86,28 @@ impl WeightFormat {
     }
 }
 
-fn load_linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+/// Where a layer's weights come from: the checkpoint's tensors as f32 and, when the format
+/// keeps them, its Q4_1 blocks.
+pub(crate) struct Source<'a> {
+    pub vb: VarBuilder<'static>,
+    pub blocks: Option<&'a Checkpoint>,
+}
+
+impl Source<'_> {
+    fn pp(&self, name: impl ToString) -> Self {
+        Self { vb: self.vb.pp(name), blocks: self.blocks }
+    }
+}
+
+fn load_linear(src: &Source<'_>, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let vb = &src.vb;
     let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
     let b = if bias { Some(vb.get(out, "bias")?.to_vec1::<f32>()?) } else { None };
-    Ok(Linear::new(w, b, out, inp))
+    let blocks = match src.blocks {
+        Some(ckpt) => ckpt.gguf_q4_1(&format!("{}.weight", vb.prefix()))?,
+        None => None,
+    };
+    Ok(Linear::new(w, b, out, inp).with_gguf_q4_1(blocks))
 }
 
 fn load_vec(vb: &VarBuilder, n: usize, name: &str) -> Result<Vec<f32>> {
@@ -209,7 +236,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
         let (h, b) = (cfg.hidden_size, cfg.attention_bias);
         let mut qkv = Linear::concat(vec![
             load_linear(&vb.pp("q_proj"), cfg.q_dim(), h, b)?,
@@ -231,7 +258,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut gate_up = Linear::concat(vec![
             load_linear(&vb.pp("gate_proj"), i, h, false)?,
@@ -285,11 +312,11 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// Loads one layer in `format` (one layer's f32 copy at a time is all that loading adds).
-    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
         Ok(Self {
-            input_layernorm: load_vec(&vb.pp("input_layernorm"), cfg.hidden_size, "weight")?,
+            input_layernorm: load_vec(&vb.vb.pp("input_layernorm"), cfg.hidden_size, "weight")?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"), format)?,
-            post_attention_layernorm: load_vec(&vb.pp("post_attention_layernorm"), cfg.hidden_size, "weight")?,
+            post_attention_layernorm: load_vec(&vb.vb.pp("post_attention_layernorm"), cfg.hidden_size, "weight")?,
             mlp: Mlp::new(cfg, vb.pp("mlp"), format)?,
         })
     }
@@ -307,15 +334,26 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(cfg: &Config, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    /// The model from f32 tensors alone (no checkpoint blocks to keep).
+    pub fn new(cfg: &Config, vb: VarBuilder<'static>, format: WeightFormat) -> Result<Self> {
+        Self::load(cfg, Source { vb, blocks: None }, format)
+    }
+
+    /// The model from a checkpoint, keeping its Q4_1 blocks where `format` asks for them.
+    pub fn from_checkpoint(cfg: &Config, ckpt: &Checkpoint, format: WeightFormat) -> Result<Self> {
+        let blocks = (format.q8 && format.keep_q4_1).then_some(ckpt);
+        Self::load(cfg, Source { vb: ckpt.var_builder()?, blocks }, format)
+    }
+
+    fn load(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let m = vb.pp("model");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i), format))
             .collect::<Result<Vec<_>>>()?;
-        let norm = load_vec(&m.pp("norm"), h, "weight")?;
+        let norm = load_vec(&m.vb.pp("norm"), h, "weight")?;
         let mut embed = load_linear(&m.pp("embed_tokens"), v, h, false)?;
-        let tied = cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight");
+        let tied = cfg.tie_word_embeddings || !vb.vb.contains_tensor("lm_head.weight");
         let (embed_tokens, lm_head) = if tied {
             format.apply(&mut embed, true);
             (None, embed)

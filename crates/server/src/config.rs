@@ -22,6 +22,10 @@ pub enum Weights {
     /// prompt copy's memory.
     #[value(name = "f16-q8-decode")]
     F16Q8Decode,
+    /// f16 for prompts; decode steps on a GGUF file's own Q4_1 blocks where it stores a layer
+    /// so (Q8_0 for the others): the file's exact values, at 0.625 bytes a weight.
+    #[value(name = "f16-q4-decode")]
+    F16Q4Decode,
 }
 
 impl From<Weights> for WeightFormat {
@@ -30,6 +34,7 @@ impl From<Weights> for WeightFormat {
             Weights::F32 => WeightFormat::F32,
             Weights::Q8Decode => WeightFormat::Q8_DECODE,
             Weights::F16Q8Decode => WeightFormat::F16_Q8_DECODE,
+            Weights::F16Q4Decode => WeightFormat::F16_Q4_DECODE,
         }
     }
 }

@@ -1,17 +1,18 @@
 //! Linear layers: a dense copy (f32, or f16 widened to f32 block by block) through GEMM for
-//! prompts, and optionally a Q8_0 copy for matrix-vector products in decode. A layer holds
-//! either copy or both.
+//! prompts, and optionally a quantized copy (Q8_0, or the checkpoint's own Q4_1 blocks) for
+//! matrix-vector products in decode. A layer holds either copy or both.
 
 use gemm::Parallelism;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use super::q4::Q4Matrix;
 use super::q8::Q8Matrix;
 use super::SendPtr;
 
-/// At or below this many token rows (decode steps, revived tokens) a layer with a Q8_0 copy
-/// uses it: reading int8 weights once beats f32 GEMM until the product becomes compute-bound.
+/// At or below this many token rows (decode steps, revived tokens) a layer with a quantized
+/// copy uses it: reading int8 weights once beats f32 GEMM until the product becomes compute-bound.
 pub const Q8_MAX_ROWS: usize = 32;
 /// Most f16 weights one task widens to f32 at a time (4 MiB of f32: within a core's L2 and
 /// L3 share, large enough that each GEMM call amortises its packing).
@@ -52,22 +53,55 @@ impl Dense {
     }
 }
 
+/// The copy of a layer that few-row products (decode) read.
+#[derive(Debug, Clone)]
+pub enum Quantized {
+    Q8(Q8Matrix),
+    /// The checkpoint's Q4_1 blocks, repacked.
+    Q4(Q4Matrix),
+}
+
+impl Quantized {
+    fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        match self {
+            Self::Q8(m) => m.matmul(x, n, y),
+            Self::Q4(m) => m.matmul(x, n, y),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.bytes(),
+            Self::Q4(m) => m.bytes(),
+        }
+    }
+}
+
 /// `y = x W^T + b` with `W` stored row-major `[out][in]` as in the checkpoints.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub in_dim: usize,
     pub out_dim: usize,
-    /// None when the layer keeps its Q8_0 copy only (a decode worker, whose prompt chunks fit
-    /// the Q8_0 kernel).
+    /// None when the layer keeps its quantized copy only (a decode worker, whose prompt
+    /// chunks fit the quantized kernel).
     dense: Option<Dense>,
     bias: Option<Vec<f32>>,
-    q8: Option<Q8Matrix>,
+    quant: Option<Quantized>,
+    /// The checkpoint's GGUF Q4_1 bytes of the weight, while loading: [`Linear::quantize`]
+    /// turns them into the quantized copy.
+    gguf_q4_1: Option<Vec<u8>>,
 }
 
 impl Linear {
     pub fn new(weight: Vec<f32>, bias: Option<Vec<f32>>, out_dim: usize, in_dim: usize) -> Self {
         assert_eq!(weight.len(), out_dim * in_dim, "weight shape");
-        Self { in_dim, out_dim, dense: Some(Dense::F32(weight)), bias, q8: None }
+        Self { in_dim, out_dim, dense: Some(Dense::F32(weight)), bias, quant: None, gguf_q4_1: None }
+    }
+
+    /// The same layer with the checkpoint's Q4_1 bytes of its weight (rows of `in_dim / 32`
+    /// GGUF blocks), for [`Linear::quantize`].
+    pub fn with_gguf_q4_1(self, raw: Option<Vec<u8>>) -> Self {
+        Self { gguf_q4_1: raw, ..self }
     }
 
     /// Stacks layers that read the same input into one (q, k, v or gate, up). The parts hold
@@ -77,6 +111,8 @@ impl Linear {
         assert!(parts.iter().all(|p| p.in_dim == in_dim), "fused layers share the input");
         let out_dim = parts.iter().map(|p| p.out_dim).sum();
         let has_bias = parts.iter().any(|p| p.bias.is_some());
+        // Rows of GGUF blocks stack like the rows they encode.
+        let q4_1 = parts.iter().all(|p| p.gguf_q4_1.is_some()).then(|| parts.iter().flat_map(|p| p.gguf_q4_1.iter().flatten().copied()).collect());
         let mut weight = Vec::with_capacity(out_dim * in_dim);
         let mut bias = has_bias.then(|| Vec::with_capacity(out_dim));
         for p in parts {
@@ -88,13 +124,24 @@ impl Linear {
                 }
             }
         }
-        Self::new(weight, bias, out_dim, in_dim)
+        Self::new(weight, bias, out_dim, in_dim).with_gguf_q4_1(q4_1)
     }
 
-    /// Adds a Q8_0 copy, from f32 weights, used for few-row inputs (decode). No-op if
-    /// `in_dim % 32 != 0`.
-    pub fn quantize_q8(&mut self) {
-        self.q8 = Q8Matrix::quantize(self.weight(), self.out_dim, self.in_dim);
+    /// Adds the quantized copy used for few-row inputs (decode): the checkpoint's Q4_1 blocks
+    /// when `keep_q4_1` and the layer came with them, else Q8_0 from the f32 weights (none if
+    /// `in_dim % 32 != 0`). Frees the checkpoint's bytes either way.
+    pub fn quantize(&mut self, keep_q4_1: bool) {
+        let raw = self.gguf_q4_1.take();
+        let q4 = raw.filter(|_| keep_q4_1).and_then(|r| Q4Matrix::from_gguf_q4_1(&r, self.out_dim, self.in_dim));
+        self.quant = match q4 {
+            Some(m) => Some(Quantized::Q4(m)),
+            None => Q8Matrix::quantize(self.weight(), self.out_dim, self.in_dim).map(Quantized::Q8),
+        };
+    }
+
+    /// Forgets the checkpoint's Q4_1 bytes (a layer that keeps no quantized copy).
+    pub fn drop_gguf_blocks(&mut self) {
+        self.gguf_q4_1 = None;
     }
 
     /// Keeps the dense copy in f16.
@@ -102,9 +149,9 @@ impl Linear {
         self.dense = self.dense.as_ref().map(Dense::to_f16);
     }
 
-    /// Drops the dense copy when a Q8_0 copy can take every product.
+    /// Drops the dense copy when a quantized copy can take every product.
     pub fn drop_dense(&mut self) {
-        if self.q8.is_some() {
+        if self.quant.is_some() {
             self.dense = None;
         }
     }
@@ -129,7 +176,7 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         self.dense.as_ref().map_or(0, Dense::bytes)
             + 4 * self.bias.as_ref().map_or(0, Vec::len)
-            + self.q8.as_ref().map_or(0, Q8Matrix::bytes)
+            + self.quant.as_ref().map_or(0, Quantized::bytes)
     }
 
     /// `x` holds `rows` rows of `in_dim`; returns `rows` rows of `out_dim`.
@@ -138,31 +185,31 @@ impl Linear {
     }
 
     /// `x` holds the rows of several sequences, `segments[i]` rows each, stacked. Each
-    /// segment gets the kernel it would get alone (Q8_0 for a few rows or when it is the only
-    /// copy, the dense GEMM for many), so a row's result does not depend on what else is in
-    /// the batch; consecutive Q8_0 segments share one pass over the weights (its rows are
-    /// independent of each other).
+    /// segment gets the kernel it would get alone (the quantized copy for a few rows or when
+    /// it is the only copy, the dense GEMM for many), so a row's result does not depend on
+    /// what else is in the batch; consecutive quantized segments share one pass over the
+    /// weights (its rows are independent of each other).
     pub fn forward_segments(&self, x: &[f32], segments: &[usize]) -> Vec<f32> {
         let (inp, out) = (self.in_dim, self.out_dim);
         let rows: usize = segments.iter().sum();
         assert_eq!(x.len(), rows * inp, "input rows");
         let mut y = vec![0f32; rows * out];
-        let q8_rows = |n: usize| self.q8.is_some() && (n <= Q8_MAX_ROWS || self.dense.is_none());
+        let quantized_rows = |n: usize| self.quant.is_some() && (n <= Q8_MAX_ROWS || self.dense.is_none());
         let (mut r0, mut i) = (0, 0);
         while i < segments.len() {
             let start = r0;
-            if q8_rows(segments[i]) {
-                while i < segments.len() && q8_rows(segments[i]) {
+            if quantized_rows(segments[i]) {
+                while i < segments.len() && quantized_rows(segments[i]) {
                     r0 += segments[i];
                     i += 1;
                 }
-                let q8 = self.q8.as_ref().expect("checked above");
-                q8.matmul(&x[start * inp..r0 * inp], r0 - start, &mut y[start * out..r0 * out]);
+                let quant = self.quant.as_ref().expect("checked above");
+                quant.matmul(&x[start * inp..r0 * inp], r0 - start, &mut y[start * out..r0 * out]);
             } else {
                 r0 += segments[i];
                 i += 1;
                 let (xs, ys) = (&x[start * inp..r0 * inp], &mut y[start * out..r0 * out]);
-                match self.dense.as_ref().expect("a layer without Q8_0 keeps its dense copy") {
+                match self.dense.as_ref().expect("a layer without a quantized copy keeps its dense copy") {
                     Dense::F32(w) => matmul_wt(xs, r0 - start, w, out, inp, ys),
                     Dense::F16(w) => matmul_wt_f16(xs, r0 - start, w, out, inp, ys),
                 }
@@ -239,7 +286,7 @@ mod tests {
                 assert!((y[r * out + o] - want).abs() < 1e-4);
             }
         }
-        lin.quantize_q8();
+        lin.quantize(false);
         let yq = lin.forward(&x, rows);
         for (a, b) in y.iter().zip(&yq) {
             assert!((a - b).abs() < 0.05 * (1.0 + b.abs()), "{a} vs {b}");
@@ -251,7 +298,7 @@ mod tests {
         let (out, inner) = (48, 64);
         let w: Vec<f32> = (0..out * inner).map(|i| ((i * 29 % 23) as f32 - 11.0) / 11.0).collect();
         let mut lin = Linear::new(w, None, out, inner);
-        lin.quantize_q8();
+        lin.quantize(false);
         // A decode row, a chunk too long for Q8_0, and two more few-row segments.
         let segments = [1, Q8_MAX_ROWS + 8, 3, 1];
         let rows: usize = segments.iter().sum();
@@ -290,7 +337,7 @@ mod tests {
         let mut lin = Linear::new(w.clone(), None, out, inner);
         lin.drop_dense();
         assert!(lin.dense().is_some(), "without a Q8_0 copy the dense one stays");
-        lin.quantize_q8();
+        lin.quantize(false);
         lin.drop_dense();
         assert!(lin.dense().is_none());
         let mut want = vec![0f32; rows * out];

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod kv;
 pub mod linear;
 pub mod math;
+pub mod q4;
 pub mod q8;
 pub mod rope;
 

@@ -13,11 +13,11 @@ use super::{multiversion, SendPtr};
 
 pub const BLOCK: usize = 32;
 /// Weight rows per interleaved group: one per 32-bit lane of a 256-bit vector.
-const LANES: usize = 8;
+pub(super) const LANES: usize = 8;
 /// Activation pairs per block (int16 products are taken in pairs).
-const PAIRS: usize = BLOCK / 2;
+pub(super) const PAIRS: usize = BLOCK / 2;
 /// Activation rows that share one read of a weight group.
-const GROUP: usize = 4;
+pub(super) const GROUP: usize = 4;
 
 /// A `[rows][cols]` matrix in Q8_0; `cols` is a multiple of 32. Stored by groups of 8 rows:
 /// for each group and block, 16 pairs of 8 rows x 2 int8, then the group's 8 block scales.
@@ -79,40 +79,73 @@ impl Q8Matrix {
     /// answer. Each output is computed in one fixed order of operations whatever `n` is and
     /// whichever kernel runs, so a row's result never depends on the rows beside it.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
-        let nb = cols / BLOCK;
-        assert!(x.len() == n * cols && y.len() == n * rows, "matmul shapes");
-        let mut xq = vec![0i16; n * cols];
-        let mut xs = vec![0f32; n * nb];
-        for j in 0..n {
-            quantize_row_i16(&x[j * cols..(j + 1) * cols], &mut xq[j * cols..(j + 1) * cols], &mut xs[j * nb..(j + 1) * nb]);
-        }
-        let groups = rows.div_ceil(LANES);
-        // Enough tasks for rayon to balance, large enough to amortise the fork.
-        let per_task = (groups / (4 * rayon::current_num_threads())).max(8);
-        let out = SendPtr(y.as_mut_ptr());
+        let nb = self.cols / BLOCK;
+        let act = Activations::quantize(x, n, self.cols);
         let group_len = nb * BLOCK * LANES;
-        (0..groups.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let out = out;
-            let mut d = [[0f32; LANES]; GROUP];
-            for g in t * per_task..((t + 1) * per_task).min(groups) {
-                let q = &self.quants[g * group_len..(g + 1) * group_len];
-                let s = &self.scales[g * nb * LANES..(g + 1) * nb * LANES];
-                let valid = LANES.min(rows - g * LANES);
-                for j0 in (0..n).step_by(GROUP) {
-                    let m = GROUP.min(n - j0);
-                    group_dots(q, s, &xq[j0 * cols..(j0 + m) * cols], &xs[j0 * nb..(j0 + m) * nb], &mut d[..m]);
-                    for (j, dj) in d[..m].iter().enumerate() {
-                        for (lane, &v) in dj[..valid].iter().enumerate() {
-                            // SAFETY: output rows of groups t*per_task.. belong to this task alone,
-                            // and (j0 + j, g * 8 + lane) is inside the n x rows output.
-                            unsafe { *out.0.add((j0 + j) * rows + g * LANES + lane) = v };
-                        }
+        interleaved_matmul(self.rows, n, y, |g, j0, out| {
+            let q = &self.quants[g * group_len..(g + 1) * group_len];
+            let s = &self.scales[g * nb * LANES..(g + 1) * nb * LANES];
+            let (xq, xs) = act.rows(j0, out.len());
+            group_dots(q, s, xq, xs, out);
+        });
+    }
+}
+
+/// Activation rows quantized to int16 per block of 32, with one f32 scale per block: what the
+/// interleaved kernels (Q8_0 and Q4_1) multiply.
+pub(super) struct Activations {
+    cols: usize,
+    pub q: Vec<i16>,
+    pub scales: Vec<f32>,
+}
+
+impl Activations {
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> Self {
+        assert!(x.len() == n * cols && cols.is_multiple_of(BLOCK), "activation shapes");
+        let nb = cols / BLOCK;
+        let mut q = vec![0i16; n * cols];
+        let mut scales = vec![0f32; n * nb];
+        for j in 0..n {
+            quantize_row_i16(&x[j * cols..(j + 1) * cols], &mut q[j * cols..(j + 1) * cols], &mut scales[j * nb..(j + 1) * nb]);
+        }
+        Self { cols, q, scales }
+    }
+
+    /// Values and scales of rows `j0..j0 + m`.
+    pub fn rows(&self, j0: usize, m: usize) -> (&[i16], &[f32]) {
+        let nb = self.cols / BLOCK;
+        (&self.q[j0 * self.cols..(j0 + m) * self.cols], &self.scales[j0 * nb..(j0 + m) * nb])
+    }
+}
+
+/// The parallel loop of an interleaved product with `rows` weight rows and `n` activation
+/// rows: `dots(g, j0, out)` fills `out[j][lane]` with weight row `8g + lane` dotted with
+/// activation row `j0 + j`, for at most [`GROUP`] activation rows at a time, and this writes
+/// them into `y` (`[n][rows]`).
+pub(super) fn interleaved_matmul(rows: usize, n: usize, y: &mut [f32], dots: impl Fn(usize, usize, &mut [[f32; LANES]]) + Sync) {
+    assert_eq!(y.len(), n * rows, "matmul shapes");
+    let groups = rows.div_ceil(LANES);
+    // Enough tasks for rayon to balance, large enough to amortise the fork.
+    let per_task = (groups / (4 * rayon::current_num_threads())).max(8);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..groups.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let out = out;
+        let mut d = [[0f32; LANES]; GROUP];
+        for g in t * per_task..((t + 1) * per_task).min(groups) {
+            let valid = LANES.min(rows - g * LANES);
+            for j0 in (0..n).step_by(GROUP) {
+                let m = GROUP.min(n - j0);
+                dots(g, j0, &mut d[..m]);
+                for (j, dj) in d[..m].iter().enumerate() {
+                    for (lane, &v) in dj[..valid].iter().enumerate() {
+                        // SAFETY: output rows of groups t*per_task.. belong to this task alone,
+                        // and (j0 + j, g * 8 + lane) is inside the n x rows output.
+                        unsafe { *out.0.add((j0 + j) * rows + g * LANES + lane) = v };
                     }
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// `out[j][lane]` = row `lane` of one weight group (quants `q`, scales `s`) dotted with
