@@ -12,7 +12,8 @@ use super::q8::Q8Matrix;
 use super::SendPtr;
 
 /// At or below this many token rows (decode steps, revived tokens) a layer with a quantized
-/// copy uses it: reading int8 weights once beats f32 GEMM until the product becomes compute-bound.
+/// copy uses it: reading 4- or 8-bit weights once beats f32 GEMM until the product becomes
+/// compute-bound.
 pub const Q8_MAX_ROWS: usize = 32;
 /// Most f16 weights one task widens to f32 at a time (4 MiB of f32: within a core's L2 and
 /// L3 share, large enough that each GEMM call amortises its packing).
