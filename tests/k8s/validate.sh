@@ -53,7 +53,7 @@ dirs=("$root/k8s/base")
 for d in "$root"/k8s/overlays/*/; do
   dirs+=("${d%/}")
 done
-for want in dev gpu observability custom-metrics tls cert-manager; do
+for want in dev gpu observability custom-metrics tls cert-manager gemma3; do
   [ -d "$root/k8s/overlays/$want" ] || failed+=("overlay $want is missing")
 done
 

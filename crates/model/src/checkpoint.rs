@@ -65,6 +65,7 @@ impl Checkpoint {
                 let file = File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
                 let backend = GgufBackend {
                     path: path.clone(),
+                    arch: gguf_arch(content).to_string(),
                     infos: content
                         .tensor_infos
                         .iter()
@@ -87,7 +88,7 @@ impl Checkpoint {
     /// Q4_1; None for any other type, a missing tensor or a folder checkpoint.
     pub fn gguf_q4_1(&self, hf_name: &str) -> Result<Option<Vec<u8>>> {
         let Self::Gguf { path, content } = self else { return Ok(None) };
-        let name = gguf_name(hf_name).unwrap_or_else(|| hf_name.to_string());
+        let name = gguf_name(hf_name, gguf_arch(content)).unwrap_or_else(|| hf_name.to_string());
         let Some(info) = content.tensor_infos.get(&name).filter(|i| i.ggml_dtype == GgmlDType::Q4_1) else { return Ok(None) };
         let file = File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
         let tensor = info.read(&mut BufReader::new(file), content.tensor_data_offset, &Device::Cpu).map_err(|e| Error::checkpoint(path, e))?;
@@ -95,8 +96,17 @@ impl Checkpoint {
     }
 }
 
-/// Maps a Hugging Face tensor name to llama.cpp's GGUF name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// The file's `general.architecture` ("" when it has none).
+fn gguf_arch(content: &gguf_file::Content) -> &str {
+    match content.metadata.get("general.architecture") {
+        Some(gguf_file::Value::String(s)) => s,
+        _ => "",
+    }
+}
+
+/// Maps a Hugging Face tensor name to llama.cpp's GGUF name in a file of architecture `arch`
+/// (Gemma 3 names its norms differently: its pre-MLP norm is `ffn_norm`).
+fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -108,7 +118,12 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (module, suffix) = name.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if arch == "gemma3" => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -124,6 +139,7 @@ fn gguf_name(hf: &str) -> Option<String> {
 /// Reads GGUF tensors on demand, dequantized to the requested dtype.
 struct GgufBackend {
     path: PathBuf,
+    arch: String,
     infos: HashMap<String, gguf_file::TensorInfo>,
     data_offset: u64,
     reader: Mutex<BufReader<File>>,
@@ -131,7 +147,7 @@ struct GgufBackend {
 
 impl GgufBackend {
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let gname = gguf_name(name).unwrap_or_else(|| name.to_string());
+        let gname = gguf_name(name, &self.arch).unwrap_or_else(|| name.to_string());
         let info = self
             .infos
             .get(&gname)
@@ -155,7 +171,7 @@ impl SimpleBackend for GgufBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.infos.contains_key(&gguf_name(name).unwrap_or_else(|| name.to_string()))
+        self.infos.contains_key(&gguf_name(name, &self.arch).unwrap_or_else(|| name.to_string()))
     }
 }
 
@@ -165,10 +181,17 @@ mod tests {
 
     #[test]
     fn maps_hf_names_to_gguf() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
-        assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias").as_deref(), Some("blk.0.attn_k.bias"));
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
-        assert_eq!(gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
-        assert_eq!(gguf_name("model.layers.1.unknown.weight"), None);
+        let llama = |hf| gguf_name(hf, "llama");
+        assert_eq!(llama("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
+        assert_eq!(llama("model.layers.0.self_attn.k_proj.bias").as_deref(), Some("blk.0.attn_k.bias"));
+        assert_eq!(llama("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(llama("model.layers.2.post_attention_layernorm.weight").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(llama("model.norm.weight").as_deref(), Some("output_norm.weight"));
+        assert_eq!(llama("model.layers.1.unknown.weight"), None);
+        let gemma = |hf| gguf_name(hf, "gemma3");
+        assert_eq!(gemma("model.layers.2.post_attention_layernorm.weight").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(gemma("model.layers.2.pre_feedforward_layernorm.weight").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(gemma("model.layers.2.post_feedforward_layernorm.weight").as_deref(), Some("blk.2.post_ffw_norm.weight"));
+        assert_eq!(gemma("model.layers.0.self_attn.k_norm.weight").as_deref(), Some("blk.0.attn_k_norm.weight"));
     }
 }

@@ -1,4 +1,5 @@
-//! Our Llama-family decoder. Every layer runs over an explicit list of token positions
+//! Our decoder for the Llama family and Gemma 3. Every layer runs over an explicit list of
+//! token positions
 //! (RoPE at the original positions) against a per-layer KV store, so that a caller can run a
 //! layer on any subset of tokens and read the last query's attention scores: what LazyLLM
 //! (arXiv 2407.14057) needs. Per-sequence state lives in [`KvCache`], outside the weights.
@@ -8,11 +9,11 @@ use rayon::prelude::*;
 
 use crate::backend::Forward;
 use crate::checkpoint::Checkpoint;
-use crate::Config;
+use crate::{Architecture, Config};
 use crate::kernels::attention::{causal_attention, query_scores, AttnShape, KvRows, Rows};
 use crate::kernels::kv::{KvBuf, KvDtype};
 use crate::kernels::linear::{Dense, Linear};
-use crate::kernels::math::{add_assign, axpy, rms_norm, silu_mul};
+use crate::kernels::math::{add_assign, axpy, gelu_mul, rms_norm, rms_norm_in_place, silu_mul};
 use crate::kernels::rope::Rope;
 use crate::tensor::DeviceKv;
 use crate::{Error, Result};
@@ -233,10 +234,19 @@ fn seg_attention(shape: AttnShape, seg: &mut Segment<'_>, qkv: &[f32], stride: u
 pub struct Attention {
     qkv: Linear,
     o: Linear,
+    /// Gemma 3's RMSNorm of each query and key head (weights over head_dim), before RoPE.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Attention {
     fn new(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
+        let qk_norm = match cfg.architecture {
+            Architecture::Gemma3 => Some((
+                load_vec(&vb.vb.pp("q_norm"), cfg.head_dim, "weight")?,
+                load_vec(&vb.vb.pp("k_norm"), cfg.head_dim, "weight")?,
+            )),
+            _ => None,
+        };
         let (h, b) = (cfg.hidden_size, cfg.attention_bias);
         let mut qkv = Linear::concat(vec![
             load_linear(&vb.pp("q_proj"), cfg.q_dim(), h, b)?,
@@ -246,15 +256,16 @@ impl Attention {
         let mut o = load_linear(&vb.pp("o_proj"), h, cfg.q_dim(), false)?;
         format.apply(&mut qkv, false);
         format.apply(&mut o, false);
-        Ok(Self { qkv, o })
+        Ok(Self { qkv, o, qk_norm })
     }
 }
 
-/// SwiGLU feed-forward with fused gate/up projections.
+/// Gated feed-forward with fused gate/up projections: SwiGLU, or GeGLU (Gemma).
 pub struct Mlp {
     gate_up: Linear,
     down: Linear,
     inter: usize,
+    gelu: bool,
 }
 
 impl Mlp {
@@ -267,23 +278,29 @@ impl Mlp {
         let mut down = load_linear(&vb.pp("down_proj"), h, i, false)?;
         format.apply(&mut gate_up, false);
         format.apply(&mut down, false);
-        Ok(Self { gate_up, down, inter: i })
+        Ok(Self { gate_up, down, inter: i, gelu: cfg.architecture == Architecture::Gemma3 })
     }
 
-    /// `x += down(silu(gate(h)) * up(h))` with `h = norm(x)`, over stacked segments of rows.
-    fn forward(&self, h: &[f32], segments: &[usize], x: &mut [f32]) {
+    /// `down(act(gate(h)) * up(h))` over stacked segments of rows.
+    fn forward(&self, h: &[f32], segments: &[usize]) -> Vec<f32> {
         let n: usize = segments.iter().sum();
         let gu = self.gate_up.forward_segments(h, segments);
         let i = self.inter;
         let mut act = vec![0f32; n * i];
-        let silu = |(a, g): (&mut [f32], &[f32])| silu_mul(&g[..i], &g[i..], a);
+        let gelu = self.gelu;
+        let gated = |(a, g): (&mut [f32], &[f32])| {
+            if gelu {
+                gelu_mul(&g[..i], &g[i..], a)
+            } else {
+                silu_mul(&g[..i], &g[i..], a)
+            }
+        };
         if n >= PAR_ROWS {
-            act.par_chunks_mut(i).zip(gu.par_chunks(2 * i)).for_each(silu);
+            act.par_chunks_mut(i).zip(gu.par_chunks(2 * i)).for_each(gated);
         } else {
-            act.chunks_mut(i).zip(gu.chunks(2 * i)).for_each(silu);
+            act.chunks_mut(i).zip(gu.chunks(2 * i)).for_each(gated);
         }
-        let y = self.down.forward_segments(&act, segments);
-        add_assign(x, &y);
+        self.down.forward_segments(&act, segments)
     }
 }
 
@@ -306,31 +323,42 @@ pub struct LayerWeights<'a> {
 pub struct DecoderLayer {
     input_layernorm: Vec<f32>,
     self_attn: Attention,
-    post_attention_layernorm: Vec<f32>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`).
+    mlp_norm: Vec<f32>,
     mlp: Mlp,
+    /// Gemma 3's norms of the attention and MLP outputs, before each is added to the residual.
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl DecoderLayer {
     /// Loads one layer in `format` (one layer's f32 copy at a time is all that loading adds).
     fn new(cfg: &Config, vb: Source<'_>, format: WeightFormat) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let norm = |name: &str| load_vec(&vb.vb.pp(name), h, "weight");
+        let gemma = cfg.architecture == Architecture::Gemma3;
         Ok(Self {
-            input_layernorm: load_vec(&vb.vb.pp("input_layernorm"), cfg.hidden_size, "weight")?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"), format)?,
-            post_attention_layernorm: load_vec(&vb.vb.pp("post_attention_layernorm"), cfg.hidden_size, "weight")?,
+            mlp_norm: norm(if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" })?,
             mlp: Mlp::new(cfg, vb.pp("mlp"), format)?,
+            post_norms: if gemma { Some((norm("post_attention_layernorm")?, norm("post_feedforward_layernorm")?)) } else { None },
         })
     }
 }
 
-/// The weights of a Llama-family decoder and its forward pass over token sets.
+/// The weights of a decoder and its forward pass over token sets.
 pub struct Model {
     cfg: Config,
     /// None when the embeddings are tied to the output head (whose dense copy it then is).
     embed_tokens: Option<Dense>,
+    /// Embedding rows are multiplied by this (Gemma: sqrt(hidden); 1 otherwise).
+    embed_scale: f32,
     layers: Vec<DecoderLayer>,
     norm: Vec<f32>,
     lm_head: Linear,
     rope: Rope,
+    /// The local layers' RoPE of a sliding-window model.
+    rope_local: Option<Rope>,
 }
 
 impl Model {
@@ -365,7 +393,9 @@ impl Model {
             (Some(table), head)
         };
         let rope = Rope::new(&cfg.rope_inv_freq(), cfg.max_position_embeddings, cfg.rope_interleaved);
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rope })
+        let rope_local = cfg.rope_local_inv_freq().map(|f| Rope::new(&f, cfg.max_position_embeddings, cfg.rope_interleaved));
+        let embed_scale = if cfg.architecture == Architecture::Gemma3 { (h as f32).sqrt() } else { 1.0 };
+        Ok(Self { cfg: cfg.clone(), embed_tokens, embed_scale, layers, norm, lm_head, rope, rope_local })
     }
 
     pub fn config(&self) -> &Config {
@@ -396,17 +426,21 @@ impl Model {
             v: &qkv[(qd + kvd) * h..],
             qkv_bias: layer.self_attn.qkv.bias(),
             o: layer.self_attn.o.weight(),
-            post_norm: &layer.post_attention_layernorm,
+            post_norm: &layer.mlp_norm,
             gate: &gu[..i * h],
             up: &gu[i * h..],
             down: layer.mlp.down.weight(),
         }
     }
 
-    /// The embedding row of one token (`token` inside the vocabulary).
+    /// The embedding row of one token (`token` inside the vocabulary), scaled as the
+    /// forward pass scales it.
     pub fn embedding(&self, token: u32) -> Vec<f32> {
         let mut row = vec![0f32; self.cfg.hidden_size];
         self.embedding_table().row_into(token as usize, &mut row);
+        if self.embed_scale != 1.0 {
+            super::kernels::math::scale(&mut row, self.embed_scale);
+        }
         row
     }
 
@@ -414,16 +448,25 @@ impl Model {
         self.embed_tokens.as_ref().or(self.lm_head.dense()).expect("a tied output head keeps its dense copy")
     }
 
-    /// RoPE tables, shared with reference implementations.
+    /// RoPE tables (of the global layers), shared with reference implementations.
     pub fn rope(&self) -> &Rope {
         &self.rope
     }
 
-    fn attn_shape(&self) -> AttnShape {
+    /// Layer `l`'s RoPE: the local one on a sliding-window layer.
+    fn layer_rope(&self, l: usize) -> &Rope {
+        match (&self.rope_local, self.cfg.layer_window(l)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
+    }
+
+    fn attn_shape(&self, l: usize) -> AttnShape {
         AttnShape {
             heads: self.cfg.num_attention_heads,
             kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
+            window: self.cfg.layer_window(l).map(|w| w.try_into().unwrap_or(u32::MAX)),
         }
     }
 
@@ -438,6 +481,9 @@ impl Model {
                 return Err(Error::InvalidInput(format!("token id {t} outside the vocabulary of {}", self.cfg.vocab_size)));
             }
             table.row_into(t, row);
+        }
+        if self.embed_scale != 1.0 {
+            super::kernels::math::scale(&mut x, self.embed_scale);
         }
         Ok(x)
     }
@@ -492,9 +538,23 @@ impl Model {
         let normed = self.norm_rows(x, &layer.input_layernorm, n);
         let stride = qd + 2 * kvd;
         let mut qkv = layer.self_attn.qkv.forward_segments(&normed, &rows);
+        if let Some((qn, kn)) = &layer.self_attn.qk_norm {
+            let (d, eps) = (cfg.head_dim, cfg.rms_norm_eps as f32);
+            let f = |row: &mut [f32]| {
+                let (q, k) = row[..qd + kvd].split_at_mut(qd);
+                q.chunks_exact_mut(d).for_each(|head| rms_norm_in_place(head, qn, eps));
+                k.chunks_exact_mut(d).for_each(|head| rms_norm_in_place(head, kn, eps));
+            };
+            if n >= PAR_ROWS {
+                qkv.par_chunks_mut(stride).for_each(f);
+            } else {
+                qkv.chunks_mut(stride).for_each(f);
+            }
+        }
         let positions: Vec<u32> = segments.iter().flat_map(|s| s.positions.iter().copied()).collect();
-        self.rope.apply(&mut qkv, stride, cfg.num_attention_heads, &positions)?;
-        self.rope.apply(&mut qkv[qd..], stride, cfg.num_key_value_heads, &positions)?;
+        let rope = self.layer_rope(l);
+        rope.apply(&mut qkv, stride, cfg.num_attention_heads, &positions)?;
+        rope.apply(&mut qkv[qd..], stride, cfg.num_key_value_heads, &positions)?;
 
         let mut attn = vec![0f32; n * qd];
         let mut parts = Vec::with_capacity(segments.len());
@@ -505,17 +565,22 @@ impl Model {
             (qkv_rest, attn_rest) = (qr, ar);
             parts.push((seg, q, a));
         }
-        let shape = self.attn_shape();
+        let shape = self.attn_shape(l);
         let scores: Vec<Option<Vec<f32>>> = if parts.len() > 1 {
             parts.into_par_iter().map(|(seg, q, a)| seg_attention(shape, seg, q, stride, a)).collect()
         } else {
             parts.into_iter().map(|(seg, q, a)| seg_attention(shape, seg, q, stride, a)).collect()
         };
 
+        let post_norm = |y: Vec<f32>, w: Option<&Vec<f32>>| match w {
+            Some(w) => self.norm_rows(&y, w, n),
+            None => y,
+        };
         let o = layer.self_attn.o.forward_segments(&attn, &rows);
-        add_assign(x, &o);
-        let normed = self.norm_rows(x, &layer.post_attention_layernorm, n);
-        layer.mlp.forward(&normed, &rows, x);
+        add_assign(x, &post_norm(o, layer.post_norms.as_ref().map(|p| &p.0)));
+        let normed = self.norm_rows(x, &layer.mlp_norm, n);
+        let y = layer.mlp.forward(&normed, &rows);
+        add_assign(x, &post_norm(y, layer.post_norms.as_ref().map(|p| &p.1)));
         Ok(scores)
     }
 

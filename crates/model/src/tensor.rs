@@ -95,6 +95,9 @@ impl TensorModel {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::Unsupported(format!("compute dtype {dtype:?}: use f32, f16 or bf16")));
         }
+        if cfg.architecture == crate::Architecture::Gemma3 {
+            return Err(Error::Unsupported("Gemma 3 on the tensor (GPU) backend: serve it on the CPU backend".into()));
+        }
         let (h, i, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
         let m = vb.pp("model");
         let embed = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?.to_dtype(dtype)?.to_device(device)?;

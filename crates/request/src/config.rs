@@ -15,6 +15,9 @@ pub enum Architecture {
     Mistral,
     /// Qwen2: a Llama layer with biases on q, k and v.
     Qwen2,
+    /// Gemma 3 (text): norms before and after attention and MLP, RMSNorm on q and k, GeGLU,
+    /// embeddings scaled by sqrt(hidden), local (sliding-window) layers between global ones.
+    Gemma3,
 }
 
 impl Architecture {
@@ -23,6 +26,7 @@ impl Architecture {
             "llama" | "llamaforcausallm" | "smollm" => Ok(Self::Llama),
             "mistral" | "mistralforcausallm" => Ok(Self::Mistral),
             "qwen2" | "qwen2forcausallm" => Ok(Self::Qwen2),
+            "gemma3" | "gemma3_text" | "gemma3forcausallm" => Ok(Self::Gemma3),
             _ => Err(Error::UnsupportedArchitecture(name.to_string())),
         }
     }
@@ -35,6 +39,17 @@ pub struct Llama3RopeScaling {
     pub low_freq_factor: f32,
     pub high_freq_factor: f32,
     pub original_max_position_embeddings: usize,
+}
+
+/// Local attention on some layers: a query there sees only the keys less than `size`
+/// positions before it (itself included), and RoPE turns at its own base.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Every `pattern`-th layer is global, the others local (Gemma 3: 6, so layers 5, 11, ...).
+    pub pattern: usize,
+    /// RoPE base of the local layers (global layers use `rope_theta`).
+    pub rope_theta: f32,
 }
 
 /// The hyper-parameters the forward pass needs.
@@ -57,6 +72,7 @@ pub struct Config {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 /// The subset of a Hugging Face `config.json` that we read.
@@ -94,11 +110,15 @@ impl Config {
             .or_else(|| hf.architectures.first().cloned())
             .unwrap_or_default();
         let architecture = Architecture::parse(&arch_name)?;
+        if architecture == Architecture::Gemma3 {
+            // Its norms are stored as w - 1 there (GGUF stores w) and it has a query scale of its own.
+            return Err(Error::Unsupported("Gemma 3 from a Hugging Face folder (load its GGUF file)".into()));
+        }
         // Mistral's sliding window only matters past the window; refuse to silently ignore it.
         let sliding = match architecture {
             Architecture::Mistral => hf.sliding_window.as_ref().is_some_and(|w| !w.is_null()),
             Architecture::Qwen2 => hf.use_sliding_window.unwrap_or(false),
-            Architecture::Llama => false,
+            Architecture::Llama | Architecture::Gemma3 => false,
         };
         if sliding {
             return Err(Error::Unsupported("sliding-window attention".into()));
@@ -123,6 +143,7 @@ impl Config {
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             attention_bias: hf.attention_bias.unwrap_or(architecture == Architecture::Qwen2),
+            sliding_window: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -149,9 +170,20 @@ impl Config {
         let eps_key = key("attention.layer_norm_rms_epsilon");
         let eps = gguf.require(&eps_key)?.as_f32().ok_or_else(|| bad(format!("{eps_key} is not a float")))? as f64;
         let rope_theta = gguf.get(&key("rope.freq_base")).and_then(Value::as_f32).unwrap_or(10_000.0);
-        if gguf.get(&key("rope.scaling.type")).is_some() || gguf.get(&key("attention.sliding_window")).is_some() {
-            return Err(Error::Unsupported("RoPE scaling or sliding window in GGUF metadata".into()));
+        if gguf.get(&key("rope.scaling.type")).is_some_and(|t| t.as_str() != Some("none")) {
+            return Err(Error::Unsupported("RoPE scaling in GGUF metadata".into()));
         }
+        let window = gguf.get(&key("attention.sliding_window")).map(|_| int("attention.sliding_window")).transpose()?;
+        let sliding_window = match (architecture, window) {
+            (_, None) => None,
+            // llama.cpp's values for Gemma 3: every sixth layer global, local RoPE base 10000.
+            (Architecture::Gemma3, Some(size)) => Some(SlidingWindow {
+                size,
+                pattern: int("attention.sliding_window_pattern").unwrap_or(6),
+                rope_theta: gguf.get(&key("rope.local.freq_base")).and_then(Value::as_f32).unwrap_or(10_000.0),
+            }),
+            (_, Some(_)) => return Err(Error::Unsupported(format!("sliding-window attention on {arch_name}"))),
+        };
         let vocab_size = match gguf.get("tokenizer.ggml.tokens") {
             Some(v) => v.as_array().ok_or_else(|| bad("tokenizer.ggml.tokens is not an array".into()))?.len(),
             None => int("vocab_size")?,
@@ -168,11 +200,13 @@ impl Config {
             rms_norm_eps: eps,
             rope_theta,
             rope_scaling: None,
-            // llama.cpp's converter permutes Llama q/k rows for interleaved pairs; Qwen2 keeps halves.
-            rope_interleaved: architecture != Architecture::Qwen2,
+            // llama.cpp's converter permutes Llama q/k rows for interleaved pairs; Qwen2 and
+            // Gemma 3 keep halves.
+            rope_interleaved: !matches!(architecture, Architecture::Qwen2 | Architecture::Gemma3),
             max_position_embeddings: int("context_length")?,
             tie_word_embeddings: !gguf.tensor_names.contains("output.weight"),
             attention_bias: gguf.tensor_names.contains("blk.0.attn_q.bias"),
+            sliding_window,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -192,7 +226,15 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad("odd head dimension");
         }
+        if self.sliding_window.is_some_and(|w| w.size == 0 || w.pattern == 0) {
+            return bad("empty sliding window or pattern");
+        }
         Ok(())
+    }
+
+    /// The window of layer `l` when it attends locally; None on a global layer.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|w| l % w.pattern < w.pattern - 1).map(|w| w.size)
     }
 
     pub fn q_dim(&self) -> usize {
@@ -205,11 +247,20 @@ impl Config {
 
     /// Inverse RoPE frequencies for the pairs of one head, Llama 3 scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
+        self.inv_freq(self.rope_theta, self.rope_scaling.as_ref())
+    }
+
+    /// The same for the local layers of a sliding-window model (no scaling there).
+    pub fn rope_local_inv_freq(&self) -> Option<Vec<f32>> {
+        self.sliding_window.map(|w| self.inv_freq(w.rope_theta, None))
+    }
+
+    fn inv_freq(&self, theta: f32, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
         let d = self.head_dim;
         (0..d / 2)
             .map(|i| {
-                let f = 1.0 / self.rope_theta.powf(2.0 * i as f32 / d as f32);
-                match &self.rope_scaling {
+                let f = 1.0 / theta.powf(2.0 * i as f32 / d as f32);
+                match scaling {
                     None => f,
                     Some(s) => llama3_scale(f, s),
                 }
@@ -290,6 +341,42 @@ mod tests {
         gguf.metadata.remove("llama.block_count");
         let err = Config::from_gguf(&gguf).unwrap_err();
         assert!(err.to_string().contains("missing metadata llama.block_count"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn reads_gemma3_local_layers() -> anyhow::Result<()> {
+        let int = |v: u32| Value::U32(v);
+        let mut metadata: std::collections::HashMap<String, Value> = [
+            ("gemma3.embedding_length", int(640)),
+            ("gemma3.feed_forward_length", int(2048)),
+            ("gemma3.block_count", int(18)),
+            ("gemma3.attention.head_count", int(4)),
+            ("gemma3.attention.head_count_kv", int(1)),
+            ("gemma3.attention.key_length", int(256)),
+            ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("gemma3.rope.freq_base", Value::F32(1e6)),
+            ("gemma3.attention.sliding_window", int(512)),
+            ("gemma3.context_length", int(32768)),
+            ("gemma3.vocab_size", int(262144)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        metadata.insert("general.architecture".into(), Value::String("gemma3".into()));
+        let gguf = Gguf { version: 3, metadata, tensor_names: Default::default() };
+        let cfg = Config::from_gguf(&gguf)?;
+        assert_eq!((cfg.architecture, cfg.head_dim, cfg.rope_interleaved), (Architecture::Gemma3, 256, false));
+        let global: Vec<usize> = (0..18).filter(|&l| cfg.layer_window(l).is_none()).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!(cfg.layer_window(0), Some(512));
+        assert_eq!(cfg.rope_local_inv_freq().map(|f| f[1]), Some(1.0 / 10_000f32.powf(2.0 / 256.0)));
+        // A sliding window on another architecture is still refused, not ignored.
+        let mut llama = gguf.clone();
+        llama.metadata = llama.metadata.into_iter().map(|(k, v)| (k.replace("gemma3", "llama"), v)).collect();
+        llama.metadata.insert("general.architecture".into(), Value::String("llama".into()));
+        let err = Config::from_gguf(&llama).unwrap_err();
+        assert!(err.to_string().contains("sliding-window attention on llama"), "{err}");
         Ok(())
     }
 

@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-pub use config::{Architecture, Config, Llama3RopeScaling};
+pub use config::{Architecture, Config, Llama3RopeScaling, SlidingWindow};
 pub use deadline::{parse_grpc_timeout, TimeoutError};
 pub use error::{Error, Result};
 pub use gguf::Gguf;

@@ -1,11 +1,19 @@
 //! Tokenizer and chat template, from `tokenizer.json` + `tokenizer_config.json` or from GGUF
-//! metadata (gpt2-style byte-level BPE: `tokenizer.ggml.tokens` and `merges`).
+//! metadata: gpt2-style byte-level BPE (`tokenizer.ggml.tokens` and `merges`) or a
+//! SentencePiece vocabulary (`tokens`, `scores` and token types, byte fallback).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -68,73 +76,146 @@ pub(crate) fn tok_err(e: impl std::fmt::Display) -> Error {
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+// llama.cpp's token types (`llama_token_type`).
+const TOKEN_NORMAL: i64 = 1;
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+const TOKEN_BYTE: i64 = 6;
+
+/// The pre-tokenizer of a gpt2-style vocabulary, by llama.cpp's `tokenizer.ggml.pre` name.
+fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = ByteLevel::new(false, true, true);
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).map_err(tok_err)?.into())
+    };
+    Ok(match pre {
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+        "default" | "gpt-2" | "gpt2" => byte_level.into(),
+        "llama3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
+        "qwen2" => Sequence::new(vec![split(QWEN2_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
+        other => return Err(Error::Tokenizer(format!("GGUF pre-tokenizer {other:?} is not supported"))),
+    })
+}
+
+/// A SentencePiece vocabulary as a byte-fallback BPE. llama.cpp's SentencePiece tokenizer
+/// starts from single characters and repeatedly merges the adjacent pair whose joined piece
+/// has the highest score (the leftmost on a tie); characters left outside the vocabulary
+/// become `<0xXX>` byte tokens. So every split of a normal piece into two normal pieces is a
+/// merge, ranked by the joined piece's score, and spaces are `▁`, with no pre-tokenization.
+fn spm_tokenizer(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i64],
+    vocab: tokenizers::models::bpe::Vocab,
+    unk: Option<String>,
+    add_space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    let normal: std::collections::HashSet<&str> =
+        tokens.iter().zip(types).filter(|(_, &t)| t == TOKEN_NORMAL).map(|(s, _)| s.as_str()).collect();
+    let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate().filter(|&(i, _)| types[i] == TOKEN_NORMAL) {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if normal.contains(l) && normal.contains(r) {
+                ranked.push((scores[i], i, l, r));
+            }
+        }
+    }
+    // Highest score first; the same piece's splits stay together, shorter left part first.
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.len().cmp(&b.2.len())));
+    let merges = ranked.into_iter().map(|(_, _, l, r)| (l.to_string(), r.to_string())).collect();
+    if !types.contains(&TOKEN_BYTE) {
+        return Err(Error::Tokenizer("SentencePiece vocabulary without <0xXX> byte tokens".into()));
+    }
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let mut inner = tokenizers::Tokenizer::new(builder.build().map_err(tok_err)?);
+    let space = Replace::new(" ", "▁").map_err(tok_err)?;
+    let mut decoders = vec![Replace::new("▁", " ").map_err(tok_err)?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        inner.with_normalizer(Some(NormalizerSequence::new(vec![Prepend::new("▁".into()).into(), space.into()]))).map_err(tok_err)?;
+        decoders.push(Strip::new(' ', 1, 0).into());
+    } else {
+        inner.with_normalizer(Some(space)).map_err(tok_err)?;
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
 impl Tokenizer {
     /// Builds the tokenizer described by GGUF metadata.
     pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
         let md = |k: &str| gguf.get(k);
-        let model = md("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or_default();
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model {model:?} is not supported (only gpt2-style BPE); use the Hugging Face checkpoint folder with tokenizer.json"
-            )));
-        }
-        let strings = |k: &str| -> Result<Vec<String>> {
+        let array = |k: &str| -> Result<&[Value]> {
             md(k)
                 .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks {k}")))?
                 .as_array()
-                .ok_or_else(|| Error::Tokenizer(format!("{k} is not an array")))?
+                .ok_or_else(|| Error::Tokenizer(format!("{k} is not an array")))
+        };
+        let strings = |k: &str| -> Result<Vec<String>> {
+            array(k)?
                 .iter()
                 .map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::Tokenizer(format!("{k} holds a non-string"))))
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match md("tokenizer.ggml.token_type") {
-            Some(v) => {
-                let types = v.as_array().ok_or_else(|| Error::Tokenizer("tokenizer.ggml.token_type is not an array".into()))?;
-                types.iter().map(|t| t.as_i64().unwrap_or(1)).collect()
-            }
-            None => vec![1; tokens.len()],
+            Some(_) => array("tokenizer.ggml.token_type")?.iter().map(|t| t.as_i64().unwrap_or(TOKEN_NORMAL)).collect(),
+            None => vec![TOKEN_NORMAL; tokens.len()],
         };
+        if types.len() != tokens.len() {
+            return Err(Error::Tokenizer(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        }
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let merges = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-
-        let pre = md("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let byte_level = ByteLevel::new(false, true, true);
-        let split = |re: &str| -> Result<PreTokenizerWrapper> {
-            Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(tok_err)?
-                .into())
-        };
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "default" | "gpt-2" | "gpt2" => byte_level.into(),
-            "llama3" | "llama-bpe" | "smaug-bpe" => {
-                Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, true, false).into()]).into()
-            }
-            "qwen2" => Sequence::new(vec![split(QWEN2_REGEX)?, ByteLevel::new(false, true, false).into()]).into(),
-            other => return Err(Error::Tokenizer(format!("GGUF pre-tokenizer {other:?} is not supported"))),
-        };
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
-        inner.add_special_tokens(specials).map_err(tok_err)?;
-
         let id = |k: &str| md(k).and_then(Value::as_u32);
+        let model = md("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or_default();
+        let mut inner = match model {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?
+                    .iter()
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+                let mut inner = tokenizers::Tokenizer::new(bpe);
+                inner.with_pre_tokenizer(Some(gpt2_pre_tokenizer(md("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default"))?));
+                inner.with_decoder(Some(ByteLevelDecoder::default()));
+                inner
+            }
+            "llama" => {
+                let scores = array("tokenizer.ggml.scores")?.iter().map(|v| v.as_f32().unwrap_or(0.0)).collect::<Vec<_>>();
+                if scores.len() != tokens.len() {
+                    return Err(Error::Tokenizer(format!("{} token scores for {} tokens", scores.len(), tokens.len())));
+                }
+                let unk = id("tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize)).cloned();
+                let add_space_prefix = md("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+                spm_tokenizer(&tokens, &scores, &types, vocab, unk, add_space_prefix)?
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "GGUF tokenizer model {other:?} is not supported (gpt2-style BPE and llama-style SentencePiece are); use the Hugging Face checkpoint folder with tokenizer.json"
+                )))
+            }
+        };
+        // Control tokens are special: matched in text, skipped when decoding. User-defined
+        // ones (Gemma's "\n", runs of tabs, HTML tags) are matched in text too, as llama.cpp
+        // does, but decode as text.
+        let added = |kind: i64, special: bool| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, &t)| t == kind)
+                .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+                .collect()
+        };
+        inner.add_special_tokens(added(TOKEN_CONTROL, true)).map_err(tok_err)?;
+        inner.add_tokens(added(TOKEN_USER_DEFINED, false)).map_err(tok_err)?;
+
         let bos = id("tokenizer.ggml.bos_token_id").map(|i| (i, tokens.get(i as usize).cloned().unwrap_or_default()));
         let add_bos = md("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| id(k)).collect();

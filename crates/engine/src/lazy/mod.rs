@@ -232,7 +232,10 @@ fn prune<F: Forward>(
         let mut rng = StdRng::seed_from_u64(state.seed ^ (total << 20) ^ l as u64);
         scores.iter_mut().for_each(|s| *s = rng.random());
     }
-    let selected = select(&key_positions, &scores, keep, schedule, run.first_forced);
+    // On a local (sliding-window) layer the scoring queries see only their window: older
+    // tokens are not judged there and stay alive for the next global layer to judge.
+    let unscored_before = model.config().layer_window(l).map_or(0, |w| (run.first_forced + 1).saturating_sub(w as u32));
+    let selected = select(&key_positions, &scores, keep, schedule, run.first_forced, unscored_before);
 
     // Tokens computed here that are dropped go to this layer's Aux Cache; the rest go on.
     let stash = schedule.mode != Mode::Static;
@@ -288,8 +291,9 @@ pub(crate) const NONE: u32 = u32::MAX;
 
 /// The positions to keep: the top `keep` fraction by score (max-pooled over neighbours if
 /// asked), plus the sinks and every position from `first_forced` on (the last token and the
-/// observation window). Returned ascending.
-fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, first_forced: u32) -> Vec<u32> {
+/// observation window). Positions before `unscored_before` (outside a local layer's window)
+/// are kept and the fraction is of the others. Returned ascending.
+fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, first_forced: u32, unscored_before: u32) -> Vec<u32> {
     let mut pairs: Vec<(u32, f32)> = positions.iter().copied().zip(scores.iter().copied()).collect();
     pairs.sort_unstable_by_key(|(p, _)| *p);
     if schedule.maxpool > 1 {
@@ -300,8 +304,9 @@ fn select(positions: &[u32], scores: &[f32], keep: f32, schedule: &Schedule, fir
             pair.1 = raw[lo..hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         }
     }
-    let n_keep = ((keep * pairs.len() as f32).ceil() as usize).clamp(1, pairs.len());
-    let forced = |p: u32| p >= first_forced || (p as usize) < schedule.sinks;
+    let unscored = pairs.iter().filter(|(p, _)| *p < unscored_before).count();
+    let n_keep = (unscored + (keep * (pairs.len() - unscored) as f32).ceil() as usize).clamp(1, pairs.len());
+    let forced = |p: u32| p >= first_forced || p < unscored_before || (p as usize) < schedule.sinks;
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     // Forced tokens first, then by score (ties to the later position).
     order.sort_unstable_by(|&a, &b| {
@@ -323,11 +328,19 @@ mod tests {
         let positions: Vec<u32> = (0..10).collect();
         let scores = [0.0, 0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.05, 0.01, 0.0];
         let s = Schedule::off();
-        assert_eq!(select(&positions, &scores, 0.3, &s, 9), vec![3, 6, 9]);
+        assert_eq!(select(&positions, &scores, 0.3, &s, 9, 0), vec![3, 6, 9]);
         let s = Schedule { sinks: 1, ..Schedule::off() };
-        assert_eq!(select(&positions, &scores, 0.3, &s, 9), vec![0, 3, 9]);
+        assert_eq!(select(&positions, &scores, 0.3, &s, 9, 0), vec![0, 3, 9]);
         let s = Schedule { maxpool: 3, ..Schedule::off() };
         // Max-pooled: 2, 3, 4 all score 0.9; ties go to later positions.
-        assert_eq!(select(&positions, &scores, 0.3, &s, 9), vec![3, 4, 9]);
+        assert_eq!(select(&positions, &scores, 0.3, &s, 9, 0), vec![3, 4, 9]);
+    }
+
+    #[test]
+    fn select_keeps_tokens_outside_a_local_window() {
+        // A local layer whose window starts at 4: 0..4 are not judged, the fraction is of 4..10.
+        let positions: Vec<u32> = (0..10).collect();
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.2, 0.3, 0.8, 0.05, 0.01, 0.6];
+        assert_eq!(select(&positions, &scores, 0.5, &Schedule::off(), 9, 4), vec![0, 1, 2, 3, 5, 6, 9]);
     }
 }

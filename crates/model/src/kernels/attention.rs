@@ -2,7 +2,8 @@
 //! in tiles with an online softmax, so no full T x T matrix is ever formed. The query heads of
 //! one key/value group are stacked into one tile, so K and V are read once per group and never
 //! copied per head. Masking is by original position: a query at position p sees keys at
-//! positions <= p, whichever order the keys are stored in.
+//! positions <= p (and, on a sliding-window layer, > p - window), whichever order the keys
+//! are stored in.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -17,6 +18,21 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// A local layer's window: a query sees the keys less than this many positions before it.
+    pub window: Option<u32>,
+}
+
+impl AttnShape {
+    /// Whether a query at `qpos` sees the key at `kpos`.
+    #[inline]
+    fn sees(&self, qpos: u32, kpos: u32) -> bool {
+        kpos <= qpos && self.window.is_none_or(|w| qpos - kpos < w)
+    }
+
+    /// Whether no key in `kmin..=kmax` is seen by any query in `qmin..=qmax`.
+    fn hides_range(&self, (qmin, qmax): (u32, u32), (kmin, kmax): (u32, u32)) -> bool {
+        kmin > qmax || self.window.is_some_and(|w| qmin.saturating_sub(kmax) >= w)
+    }
 }
 
 /// Rows of a `[token][heads][head_dim]` buffer with `stride` elements between tokens.
@@ -94,9 +110,13 @@ fn weighted_rows<T: KvElem>(acc: &mut [f32], w: &[f32], v: &[T], stride: usize) 
         assert!(last * stride + d <= v.len());
     }
     #[cfg(target_arch = "x86_64")]
-    if super::avx2_fma() && d == 64 {
-        // SAFETY: features present; rows bounded by the assert above.
-        return unsafe { weighted_rows64_avx2(acc, w, v.as_ptr(), stride) };
+    if super::avx2_fma() && d.is_multiple_of(64) {
+        // Blocks of 64 columns (Gemma's head_dim 256 takes four).
+        for (c, block) in acc.chunks_exact_mut(64).enumerate() {
+            // SAFETY: features present; rows bounded by the assert above, block c inside d.
+            unsafe { weighted_rows64_avx2(block, w, v.as_ptr().add(64 * c), stride) };
+        }
+        return;
     }
     for (t, &wt) in w.iter().enumerate() {
         if wt != 0.0 {
@@ -140,10 +160,11 @@ fn few_query_attention<T: KvElem>(
     kpos: &[u32],
     out: &mut [f32],
 ) {
-    let AttnShape { heads, kv_heads, head_dim: d } = shape;
+    let AttnShape { heads, kv_heads, head_dim: d, .. } = shape;
     let rep = heads / kv_heads;
     let nq = qpos.len();
     let splits = kpos.len().div_ceil(KEY_SPLIT).max(1);
+    let qrange = (*qpos.iter().min().unwrap_or(&0), *qpos.iter().max().unwrap_or(&0));
     let sm_scale = 1.0 / (d as f32).sqrt();
     // partials[(g * splits + c)] holds nq * rep states.
     let partials: Vec<Vec<Partial>> = (0..kv_heads * splits)
@@ -153,14 +174,21 @@ fn few_query_attention<T: KvElem>(
             let k0 = c * KEY_SPLIT;
             let k1 = (k0 + KEY_SPLIT).min(kpos.len());
             let mut states = Vec::with_capacity(nq * rep);
+            let kp = &kpos[k0..k1];
+            let krange = kp.iter().fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+            if shape.hides_range(qrange, krange) {
+                // Keys outside every query's window (older than a local layer's): skip them.
+                states.extend((0..nq * rep).map(|_| Partial { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0f32; d] }));
+                return states;
+            }
             let mut s = vec![0f32; k1 - k0];
             for (i, &p) in qpos.iter().enumerate() {
                 for j in 0..rep {
                     let qh = &q.data[i * q.stride + (g * rep + j) * d..][..d];
                     let kg = &k.data[k0 * k.stride + g * d..];
                     key_dots(qh, kg, k.stride, &mut s);
-                    for (x, &kp) in s.iter_mut().zip(&kpos[k0..k1]) {
-                        *x = if kp <= p { *x * sm_scale } else { f32::NEG_INFINITY };
+                    for (x, &kp) in s.iter_mut().zip(kp) {
+                        *x = if shape.sees(p, kp) { *x * sm_scale } else { f32::NEG_INFINITY };
                     }
                     let m = max(&s);
                     let mut acc = vec![0f32; d];
@@ -236,7 +264,7 @@ fn tiled_attention(
     kpos: &[u32],
     out: &mut [f32],
 ) {
-    let AttnShape { heads, kv_heads, head_dim: d } = shape;
+    let AttnShape { heads, kv_heads, head_dim: d, .. } = shape;
     let nq = qpos.len();
     let nk = kpos.len();
     let rep = heads / kv_heads;
@@ -275,7 +303,7 @@ fn tiled_attention(
         let mut s = vec![0f32; rows * key_tile];
 
         for (kt, &(kmin, kmax)) in key_tiles.iter().enumerate() {
-            if kmin > qmax {
+            if shape.hides_range((qmin, qmax), (kmin, kmax)) {
                 continue;
             }
             let k0 = kt * key_tile;
@@ -294,13 +322,14 @@ fn tiled_attention(
                     Parallelism::None,
                 );
             }
-            if kmax > qmin {
+            // Unless every query sees every key of the tile.
+            if kmax > qmin || shape.window.is_some_and(|w| qmax - kmin >= w) {
                 let kp = &kpos[k0..k0 + bk];
                 for (i, &p) in qp.iter().enumerate() {
                     for j in 0..rep {
                         let row = &mut s[(i * rep + j) * bk..][..bk];
                         for (x, &kp) in row.iter_mut().zip(kp) {
-                            if kp > p {
+                            if !shape.sees(p, kp) {
                                 *x = f32::NEG_INFINITY;
                             }
                         }
@@ -357,9 +386,10 @@ fn tiled_attention(
 
 /// LazyLLM importance (arXiv 2407.14057, eq. 1): the attention probabilities of one query
 /// (`q`, `[heads][head_dim]` at position `qpos`) over the keys it may see, averaged over heads.
-/// Keys it may not see (position > qpos) score 0. Returns one score per key row.
+/// Keys it may not see (after qpos, or outside a local layer's window) score 0. Returns one
+/// score per key row.
 pub fn query_scores(shape: AttnShape, q: &[f32], qpos: u32, k: KvRows<'_>, kpos: &[u32]) -> Vec<f32> {
-    let AttnShape { heads, kv_heads, head_dim: d } = shape;
+    let AttnShape { heads, kv_heads, head_dim: d, .. } = shape;
     let rep = heads / kv_heads;
     let sm_scale = 1.0 / (d as f32).sqrt();
     let mut total = vec![0f32; kpos.len()];
@@ -372,7 +402,7 @@ pub fn query_scores(shape: AttnShape, q: &[f32], qpos: u32, k: KvRows<'_>, kpos:
             KvSlice::F16(kd) => key_dots(qh, &kd[g * d..], k.stride, &mut row),
         }
         for (x, &p) in row.iter_mut().zip(kpos) {
-            *x = if p <= qpos { *x * sm_scale } else { f32::NEG_INFINITY };
+            *x = if shape.sees(qpos, p) { *x * sm_scale } else { f32::NEG_INFINITY };
         }
         let mx = max(&row);
         let sum = exp_sub_sum(&mut row, mx);
@@ -394,7 +424,7 @@ mod tests {
 
     /// Plain softmax attention, one query and head at a time.
     fn naive(shape: AttnShape, q: &[f32], qpos: &[u32], k: &[f32], v: &[f32], kpos: &[u32]) -> Vec<f32> {
-        let AttnShape { heads, kv_heads, head_dim: d } = shape;
+        let AttnShape { heads, kv_heads, head_dim: d, .. } = shape;
         let (qs, ks) = (heads * d, kv_heads * d);
         let mut out = vec![0f32; qpos.len() * qs];
         for (t, &p) in qpos.iter().enumerate() {
@@ -404,7 +434,7 @@ mod tests {
                     .iter()
                     .enumerate()
                     .map(|(j, &kp)| {
-                        if kp > p {
+                        if kp > p || shape.window.is_some_and(|w| p - kp >= w) {
                             return f32::NEG_INFINITY;
                         }
                         (0..d).map(|c| q[t * qs + h * d + c] * k[j * ks + g * d + c]).sum::<f32>()
@@ -439,7 +469,7 @@ mod tests {
 
     #[test]
     fn matches_naive_with_gqa_and_scattered_positions() {
-        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16 };
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16, window: None };
         // Keys out of order and with gaps, as after pruning and revival.
         let mut kpos: Vec<u32> = (0..300).map(|i| i * 2).collect();
         kpos.swap(3, 250);
@@ -451,7 +481,7 @@ mod tests {
 
     #[test]
     fn few_queries_match_naive() {
-        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16 };
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16, window: None };
         let mut kpos: Vec<u32> = (0..700).collect();
         kpos.swap(10, 600);
         let (k, v) = (data(kpos.len() * 32, 2), data(kpos.len() * 32, 3));
@@ -463,7 +493,7 @@ mod tests {
     #[test]
     fn f16_rows_match_naive_on_rounded_values() {
         use half::f16;
-        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 64 };
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 64, window: None };
         let kpos: Vec<u32> = (0..300).collect();
         let round = |x: Vec<f32>| -> (Vec<f16>, Vec<f32>) {
             let h: Vec<f16> = x.iter().map(|&a| f16::from_f32(a)).collect();
@@ -479,12 +509,31 @@ mod tests {
 
     #[test]
     fn scores_are_head_averaged_probabilities() {
-        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 8, window: None };
         let kpos: Vec<u32> = (0..20).collect();
         let k = data(20 * 16, 5);
         let q = data(32, 6);
         let s = query_scores(shape, &q, 15, KvRows { data: KvSlice::F32(&k), stride: 16 }, &kpos);
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(s[16..].iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn sliding_window_masks_old_keys() {
+        // head_dim 128 (the fast paths in two blocks), keys out of order, a window shorter
+        // than a tile.
+        let shape = AttnShape { heads: 4, kv_heads: 1, head_dim: 128, window: Some(40) };
+        let mut kpos: Vec<u32> = (0..600).collect();
+        kpos.swap(5, 590);
+        let (k, v) = (data(600 * 128, 2), data(600 * 128, 3));
+        for qpos in [vec![599u32], vec![30, 300, 599], (0..600).collect()] {
+            check(shape, &qpos, &kpos, (KvSlice::F32(&k), KvSlice::F32(&v)), &k, &v);
+        }
+        let q = data(4 * 128, 7);
+        let s = query_scores(shape, &q, 599, KvRows { data: KvSlice::F32(&k), stride: 128 }, &kpos);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        for (&p, &x) in kpos.iter().zip(&s) {
+            assert_eq!(x > 0.0, p > 559, "position {p} scores {x}");
+        }
     }
 }

@@ -100,6 +100,29 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x[i] = x[i] * w[i] / rms(x)`, in place (Gemma 3's per-head q and k norms).
+    pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) -> () {
+        let ss = dot(x, x);
+        let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+        for (a, &g) in x.iter_mut().zip(w) {
+            *a *= scale * g;
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = gelu(gate[i]) * up[i]`, gelu in its tanh form (GeGLU, Gemma):
+    /// `0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`, with `1 + tanh(y) = 2 - 2 / (e^2y + 1)`.
+    pub fn gelu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> () {
+        const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let y = C * (g + 0.044_715 * g * g * g);
+            *o = g * (1.0 - 1.0 / (exp_approx(2.0 * y) + 1.0)) * u;
+        }
+    }
+}
+
+multiversion! {
     /// `out[i] = silu(gate[i]) * up[i]`.
     pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> () {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -162,5 +185,18 @@ mod tests {
         let s = exp_sub_sum(&mut ys, m);
         let want: f32 = xs.iter().map(|x| (x - m).exp()).sum();
         assert!((s - want).abs() < 1e-5 * want);
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        let g: Vec<f32> = (-300..=300).map(|i| i as f32 * 0.05).collect();
+        let up = vec![2.0f32; g.len()];
+        let mut out = vec![0f32; g.len()];
+        gelu_mul(&g, &up, &mut out);
+        for (&x, &got) in g.iter().zip(&out) {
+            let x64 = x as f64;
+            let want = 2.0 * 0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
+            assert!((got as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "gelu({x}) * 2 = {got}, want {want}");
+        }
     }
 }
