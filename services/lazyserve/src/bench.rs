@@ -123,8 +123,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let theirs = if args.llamacpp_python == "none" { None } else { Some(llama_cpp(&args, threads, &prompts)?) };
 
     println!(
-        "model {} | weights {:?} | KV {:?} | {threads} threads | {} decode steps after each prefill",
-        m.name, args.model.weights, args.model.kv_dtype, args.decode_tokens
+        "model {} | weights {:?} | KV {:?} | {threads} threads | {} decode steps after each prefill | kernels {}, f32 GEMM {}",
+        m.name,
+        args.model.weights,
+        args.model.kv_dtype,
+        args.decode_tokens,
+        lazyserve_model::kernels::simd_path(),
+        lazyserve_model::kernels::gemm_path(),
     );
     println!("| prompt tokens | prefill s (lazyserve) | prefill s (llama.cpp) | ratio | decode ms/token (lazyserve) | decode ms/token (llama.cpp) | ratio | same first token |");
     println!("|---:|---:|---:|---:|---:|---:|---:|:---:|");

@@ -296,13 +296,14 @@ pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let client = connect(&addr).await?;
         println!(
-            "model {} | {} | {} tokens per request, greedy | {} requests per client | {} cores, kernels {}",
+            "model {} | {} | {} tokens per request, greedy | {} requests per client | {} cores, kernels {}, f32 GEMM {}",
             meta.name,
             if server.is_some() { format!("lazyserve serve {}", args.serve_args.join(" ")) } else { format!("router at {addr}") },
             args.max_tokens,
             args.rounds,
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             lazyserve_model::kernels::simd_path(),
+            lazyserve_model::kernels::gemm_path(),
         );
         println!("| prompt tokens | path | clients | requests | output tok/s | vs 1 | TTFT p50 s | TTFT p99 s | vs 1 (p99) | ITL p50 ms | ITL p99 ms | vs 1 (p99) |");
         println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");

@@ -60,6 +60,22 @@ pub fn simd_path() -> &'static str {
     }
 }
 
+/// The f32 GEMM's kernels (the `gemm` crate, built with its AVX-512 kernels, picks them at
+/// run time as we check here), for benchmark headers.
+pub fn gemm_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if avx2_fma() && has!("avx512f") && has!("avx512bw") && has!("avx512cd") && has!("avx512dq") && has!("avx512vl") {
+            return "avx512";
+        }
+        if avx2_fma() {
+            return "avx2+fma";
+        }
+    }
+    "portable"
+}
+
 /// Compiles `$body` (an expression using the function's arguments) as a baseline function and,
 /// on x86-64, as an AVX2+FMA one, dispatching at run time. The body must be `#[inline(always)]`
 /// code so that it is re-optimised for each target.
