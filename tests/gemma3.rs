@@ -2,6 +2,7 @@
 //! gemma3-270m`): its SentencePiece tokenizer, logits and greedy text against llama.cpp's on
 //! the same file. llama.cpp's answers are recorded in tests/data/gemma3-llamacpp.json by
 //! scripts/gemma3_reference.py (llama-cpp-python 0.3.36), since CI cannot build llama.cpp.
+//! And the services serve it unchanged: router, prefill and decode worker processes.
 
 use std::sync::OnceLock;
 
@@ -9,6 +10,11 @@ use anyhow::Result;
 use lazyserve_engine::lazy::Schedule;
 use lazyserve_engine::{Engine, GenerateRequest, SamplingParams};
 use lazyserve_model::{load, load_meta, KvDtype, WeightFormat};
+use lazyserve_proto::v1::generate_request::Input;
+use lazyserve_proto::v1::generate_response::Event;
+use lazyserve_proto::v1::generation_client::GenerationClient;
+use lazyserve_proto::v1::GenerateRequest as Req;
+use lazyserve_tests::cluster::Proc;
 use lazyserve_tests::gemma3_path;
 use serde_json::Value;
 
@@ -144,5 +150,59 @@ fn greedy_text_matches_llamacpp() -> Result<()> {
         // Two of the four prompts must match in full: ties are the exception.
         assert!(matched >= total / 2, "{label}: only {matched} of {total} tokens");
     }
+    Ok(())
+}
+
+/// A prompt of about 1200 tokens, longer than Gemma's 512-token local window, with a fact
+/// in the middle.
+fn long_prompt() -> String {
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ".repeat(25);
+    format!("{filler}The pass key is 71432. Remember it. {filler}What is the pass key? The pass key is")
+}
+
+/// Router, prefill worker and decode worker processes started on the Gemma 3 file stream
+/// the in-process engine's greedy tokens (the services' weight formats: Q8_0 decode, f16
+/// K/V), dense and under LazyLLM's default preset, which on 18 layers prunes after layer 11
+/// (global) and 14 (local), so the K/V, Aux Cache and revival cross the wire past the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_serve_gemma3() -> Result<()> {
+    let model = [("LAZYSERVE_MODEL", gemma3_path().display().to_string())];
+    let mut decode = Proc::spawn_env("lazyserve-decode-worker", &[], &model);
+    let mut prefill = Proc::spawn_env("lazyserve-prefill-worker", &[], &model);
+    let workers = ["--prefill-workers", &prefill.addr, "--decode-workers", &decode.addr].map(String::from);
+    let workers: Vec<&str> = workers.iter().map(String::as_str).collect();
+    let mut router = Proc::spawn_env("lazyserve-router", &workers, &model);
+    for p in [&mut decode, &mut prefill, &mut router] {
+        p.ready().await;
+    }
+    let mut client = GenerationClient::new(router.channel().await?);
+    let engine = Engine::new(load(&gemma3_path(), WeightFormat::Q8_DECODE)?, KvDtype::F16);
+    let long = long_prompt();
+    for (prompt, prune, max_tokens) in [("The capital of France is", "off", 12), (long.as_str(), "off", 8), (long.as_str(), "default", 8)] {
+        let req = GenerateRequest {
+            prompt_ids: engine.tokenizer.encode(prompt)?,
+            max_tokens,
+            stop: vec![],
+            sampling: SamplingParams::default(),
+            schedule: engine.schedule(prune)?,
+        };
+        let want = engine.generate(&req, |_| true)?;
+        let r = Req { input: Some(Input::Prompt(prompt.into())), max_tokens: max_tokens as u32, prune: Some(prune.into()), ..Default::default() };
+        let mut stream = client.generate(r).await?.into_inner();
+        let (mut text, mut ids, mut prompt_tokens) = (String::new(), Vec::new(), 0);
+        while let Some(msg) = stream.message().await? {
+            match msg.event.expect("an event") {
+                Event::Chunk(c) => {
+                    text.push_str(&c.text);
+                    ids.extend(c.token_ids);
+                }
+                Event::Complete(c) => prompt_tokens = c.usage.expect("usage").prompt_tokens,
+                Event::Error(e) => panic!("stream error: {e:?}"),
+            }
+        }
+        assert_eq!((&ids, &text), (&want.token_ids, &want.text), "prune {prune}, {prompt_tokens} prompt tokens");
+        assert!(prompt == long || prompt_tokens < 10);
+    }
+    assert!(engine.tokenizer.encode(&long)?.len() > 1000);
     Ok(())
 }

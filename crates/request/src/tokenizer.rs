@@ -298,6 +298,11 @@ impl Tokenizer {
         &self.eos
     }
 
+    /// Whether the checkpoint has a chat template (a base model often has none).
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
     /// Renders the chat template (with the generation prompt appended).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self

@@ -63,12 +63,23 @@ struct Totals {
     docs: usize,
 }
 
+/// `content` as a user message in the chat template; a model without one (a base model)
+/// gets `content` followed by `completion`, text it continues with the answer.
+fn wrap(m: &Engine, content: String, completion: &str) -> anyhow::Result<String> {
+    if m.tokenizer.has_chat_template() {
+        Ok(m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?)
+    } else {
+        Ok(format!("{content}{completion}"))
+    }
+}
+
 /// Splits `filler` tokens around a needle at `depth` and asks for it in the chat template.
 pub(crate) fn passkey_case(m: &Engine, filler: &[u32], n: usize, case: usize, cases: usize) -> anyhow::Result<Case> {
     let key = format!("{}", 10_000 + (case as u64 * 7919 + n as u64 * 104_729) % 90_000);
     let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key. ");
     let question = "\n\nWhat is the pass key? Answer with the number only.";
-    let overhead = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: format!("{needle}{question}") }])?)?.len();
+    let answer = " The pass key is";
+    let overhead = m.tokenizer.encode(&wrap(m, format!("{needle}{question}"), answer)?)?.len();
     let body = n.checked_sub(overhead).context("length too short for a passkey prompt")?;
     let start = (case * 997) % filler.len().saturating_sub(body).max(1);
     let text_ids: Vec<u32> = filler.iter().copied().cycle().skip(start).take(body).collect();
@@ -76,18 +87,17 @@ pub(crate) fn passkey_case(m: &Engine, filler: &[u32], n: usize, case: usize, ca
     let cut = (body as f64 * depth) as usize;
     let before = m.tokenizer.decode(&text_ids[..cut])?;
     let after = m.tokenizer.decode(&text_ids[cut..])?;
-    let content = format!("{before}{needle}{after}{question}");
-    let text = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?;
+    let text = wrap(m, format!("{before}{needle}{after}{question}"), answer)?;
     let ids = m.tokenizer.encode(&text)?;
     Ok(Case { text, ids, key: Some(key), max_tokens: 16 })
 }
 
 fn document_case(m: &Engine, doc: &[u32], n: usize, tokens: usize) -> anyhow::Result<Case> {
     let question = "\n\nSummarize the text above in two sentences.";
-    let overhead = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: question.into() }])?)?.len();
+    let answer = "\n\nSummary:";
+    let overhead = m.tokenizer.encode(&wrap(m, question.into(), answer)?)?.len();
     let text = m.tokenizer.decode(&doc[..n - overhead])?;
-    let content = format!("{text}{question}");
-    let text = m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }])?;
+    let text = wrap(m, format!("{text}{question}"), answer)?;
     let ids = m.tokenizer.encode(&text)?;
     Ok(Case { text, ids, key: None, max_tokens: tokens })
 }
