@@ -184,6 +184,10 @@ impl Config {
             }),
             (_, Some(_)) => return Err(Error::Unsupported(format!("sliding-window attention on {arch_name}"))),
         };
+        if architecture == Architecture::Gemma3 && int("block_count")? == 62 {
+            // llama.cpp scales its queries by 1/sqrt(hidden / heads), not 1/sqrt(head_dim).
+            return Err(Error::Unsupported("Gemma 3 27B's query scale".into()));
+        }
         let vocab_size = match gguf.get("tokenizer.ggml.tokens") {
             Some(v) => v.as_array().ok_or_else(|| bad("tokenizer.ggml.tokens is not an array".into()))?.len(),
             None => int("vocab_size")?,

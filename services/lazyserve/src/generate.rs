@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// LazyLLM pruning: a preset (off, conservative, default, aggressive) or a spec such as
+    /// LazyLLM pruning: a preset (off, conservative, default, aggressive, early) or a spec such as
     /// `18:0.5,24:0.5`, `random:18:0.5,24:0.5`, `static:default`, `default+sinks=4`.
     #[arg(long, env = "LAZYSERVE_PRUNE", default_value = "off")]
     prune: String,
