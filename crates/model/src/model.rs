@@ -1,8 +1,7 @@
 //! Our decoder for the Llama family and Gemma 3. Every layer runs over an explicit list of
-//! token positions
-//! (RoPE at the original positions) against a per-layer KV store, so that a caller can run a
-//! layer on any subset of tokens and read the last query's attention scores: what LazyLLM
-//! (arXiv 2407.14057) needs. Per-sequence state lives in [`KvCache`], outside the weights.
+//! token positions (RoPE at the original positions) against a per-layer KV store, so that a
+//! caller can run a layer on any subset of tokens and read the last query's attention
+//! scores: what LazyLLM (arXiv 2407.14057) needs. Per-sequence state lives in [`KvCache`], outside the weights.
 
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
