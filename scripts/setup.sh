@@ -5,8 +5,8 @@
 # k8s/ with it), openssl (scripts/dev-certs.sh makes the TLS tests' certificates), curl
 # (the compose test calls the HTTPS front with it), Python with venv, the Python gRPC
 # client in .venv-grpc, and the model files (SmolLM2, and Gemma 3 for tests/gemma3.rs).
-# Idempotent: installs only what is missing. The
-# container tests also need Docker with docker-compose, which this script does not install.
+# Idempotent: installs only what is missing. The container tests also need Docker with
+# docker-compose, which this script does not install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
